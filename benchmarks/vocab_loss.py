@@ -1,0 +1,265 @@
+"""Benchmark: forward + backward of a vocabulary-level distillation loss.
+
+Compares, for N tokens, hidden size H and vocabulary V (float32):
+
+* ``dense``  - logits materialised (``h @ W.T``), ``potstill.losses.DIVERGENCES["forward_kl"]``;
+* ``trl_gkd`` - TRL's ``GKDTrainer.generalized_jsd_loss`` with ``beta=0`` (forward KL) on
+  materialised logits;
+* ``trl_chunked`` - TRL's stable ``DistillationTrainer`` loss,
+  ``trl.trainer.distillation_trainer._chunked_divergence_loss`` (hidden states + lm_head, tiles
+  over tokens and vocabulary, recomputes the projections in backward) with ``beta=0``;
+* ``linear`` - ``potstill.losses.linear.linear_divergence`` (chunked, logits never materialised);
+* ``linear_generic`` (opt-in via ``--methods``) - the same engine forced onto its generic
+  local-autograd path instead of the closed-form forward-KL gradient.
+
+Each method runs in its own subprocess so that peak memory is clean: the figure reported is the
+peak RSS (``ru_maxrss``) minus the RSS right after allocating the inputs ("peak RSS above inputs").
+Time is the median of ``--repeats`` timed runs after one warm-up run.
+
+Usage::
+
+    python benchmarks/vocab_loss.py                   # N=2048, H=576, V in {49152, 262144}
+    python benchmarks/vocab_loss.py --quick           # N=512, V in {8192, 32768}, no docs update
+    python benchmarks/vocab_loss.py --vocab 32000 --tokens 1024 --methods dense linear
+
+Unless ``--quick`` or ``--no-docs`` is given, the table is written to ``docs/benchmarks.md``
+between the ``<!-- vocab_loss:start -->`` / ``<!-- vocab_loss:end -->`` markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs" / "benchmarks.md"
+START, END = "<!-- vocab_loss:start -->", "<!-- vocab_loss:end -->"
+METHODS = ("dense", "trl_gkd", "trl_chunked", "linear")
+ALL_METHODS = METHODS + ("linear_generic",)
+
+
+# ------------------------------------------------------------------------------------ worker
+
+
+def _rss_kib() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+
+
+def _trl_loss():
+    """TRL's generalized JSD loss function, wherever the installed version keeps it."""
+    import importlib
+    import warnings
+
+    candidates = (
+        ("trl.experimental.gkd.gkd_trainer", "GKDTrainer", "generalized_jsd_loss"),
+        ("trl.experimental.gkd", "GKDTrainer", "generalized_jsd_loss"),
+        ("trl.trainer.gkd_trainer", "GKDTrainer", "generalized_jsd_loss"),
+        ("trl", "GKDTrainer", "generalized_jsd_loss"),
+    )
+    for mod_name, cls_name, attr in candidates:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                mod = importlib.import_module(mod_name)
+        except Exception:
+            continue
+        fn = getattr(getattr(mod, cls_name, None), attr, None)
+        if fn is not None:
+            return fn, f"{mod_name}.{cls_name}.{attr}"
+    raise ImportError("TRL generalized_jsd_loss not found")
+
+
+def worker(method: str, n_tokens: int, hidden: int, vocab: int, repeats: int, chunk_size: int | None = None) -> dict:
+    sys.path.insert(0, str(ROOT / "src"))
+    import torch
+
+    from potstill.losses import linear as linear_mod
+    from potstill.losses.divergences import DIVERGENCES
+    from potstill.losses.linear import linear_divergence
+
+    info = {"method": method, "tokens": n_tokens, "hidden": hidden, "vocab": vocab}
+    if method.startswith("linear"):
+        info["chunk_size"] = chunk_size or linear_mod.default_chunk_size(vocab, n_tokens)
+    if method.startswith("trl"):
+        import trl
+
+        info["trl_version"] = trl.__version__
+    if method == "trl_gkd":
+        trl_fn, info["trl_fn"] = _trl_loss()
+    if method == "trl_chunked":
+        from trl.trainer.distillation_trainer import _chunked_divergence_loss
+    if method == "linear_generic":
+        linear_mod._CLOSED_FORM = {}
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(n_tokens, hidden, generator=g).requires_grad_()
+    w = (torch.randn(vocab, hidden, generator=g) * hidden**-0.5).requires_grad_()
+    th = torch.randn(n_tokens, hidden, generator=g)
+    tw = torch.randn(vocab, hidden, generator=g) * hidden**-0.5
+    baseline = _rss_kib()
+
+    def step():
+        h.grad = None
+        w.grad = None
+        if method == "linear" or method == "linear_generic":
+            loss = linear_divergence(h, w, th, tw, divergence="forward_kl", chunk_size=chunk_size)
+        elif method == "trl_chunked":
+            ones = torch.ones(n_tokens, dtype=torch.long)
+            loss = _chunked_divergence_loss(h, th, w, tw, ones, 0.0)[0]
+        else:
+            s = h @ w.T
+            with torch.no_grad():
+                t = th @ tw.T
+            if method == "dense":
+                loss = DIVERGENCES["forward_kl"](s, t)
+            else:  # trl: beta=0 -> forward KL; "batchmean" over tokens (no labels: every token counts)
+                loss = trl_fn(s, t, beta=0.0, temperature=1.0, reduction="batchmean")
+        loss.backward()
+        return float(loss)
+
+    value = step()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    info.update(
+        loadavg_1min=os.getloadavg()[0],
+        loss=value,
+        time_s=statistics.median(times),
+        times_s=times,
+        peak_above_inputs_mib=(_rss_kib() - baseline) / 1024,
+        inputs_mib=sum(t.numel() * t.element_size() for t in (h, w, th, tw)) / 2**20,
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+    )
+    return info
+
+
+# ------------------------------------------------------------------------------------ driver
+
+
+def run_one(method: str, n_tokens: int, hidden: int, vocab: int, repeats: int, chunk_size: int | None) -> dict:
+    cmd = [sys.executable, __file__, "--worker", method, "--tokens", str(n_tokens), "--hidden", str(hidden),
+           "--vocab", str(vocab), "--repeats", str(repeats)]
+    if chunk_size:
+        cmd += ["--chunk-size", str(chunk_size)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        err = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        return {"method": method, "tokens": n_tokens, "hidden": hidden, "vocab": vocab, "error": err}
+    return json.loads(lines[-1])
+
+
+def table(results: list[dict]) -> str:
+    rows = ["| V | method | time fwd+bwd (s) | vs dense time | peak RSS above inputs (MiB) | vs dense peak | loss |",
+            "|---:|---|---:|---:|---:|---:|---:|"]
+    by_v: dict[int, list[dict]] = {}
+    for r in results:
+        by_v.setdefault(r["vocab"], []).append(r)
+    for vocab, rs in by_v.items():
+        dense = next((r for r in rs if r["method"] == "dense" and "error" not in r), None)
+        for r in rs:
+            if "error" in r:
+                rows.append(f"| {vocab:,} | {r['method']} | n/a | | | | {r['error'][:80]} |")
+                continue
+            rt = f"{r['time_s'] / dense['time_s']:.2f}x" if dense else ""
+            rp = f"1/{dense['peak_above_inputs_mib'] / max(r['peak_above_inputs_mib'], 1e-9):.1f}" if dense else ""
+            if r is dense:
+                rt, rp = "1.00x", "1"
+            name = r["method"] + (f" (chunk {r['chunk_size']})" if "chunk_size" in r else "")
+            rows.append(f"| {vocab:,} | {name} | {r['time_s']:.2f} | {rt} | "
+                        f"{r['peak_above_inputs_mib']:,.0f} | {rp} | {r['loss']:.6f} |")
+    return "\n".join(rows)
+
+
+def write_docs(section: str) -> None:
+    DOCS.parent.mkdir(parents=True, exist_ok=True)
+    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
+    block = f"{START}\n{section.rstrip()}\n{END}"
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        _, tail = rest.split(END, 1)
+        text = head + block + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    DOCS.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--vocab", type=int, nargs="+", default=None)
+    ap.add_argument("--tokens", type=int, default=None)
+    ap.add_argument("--hidden", type=int, default=576)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--methods", nargs="+", choices=ALL_METHODS, default=list(METHODS))
+    ap.add_argument("--chunk-size", type=int, default=None, help="rows per chunk for linear (default: 64 MiB budget)")
+    ap.add_argument("--quick", action="store_true", help="N=512, V in {8192, 32768}; does not touch the docs")
+    ap.add_argument("--no-docs", action="store_true")
+    ap.add_argument("--worker", choices=ALL_METHODS, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.tokens, args.hidden, args.vocab[0], args.repeats,
+                                args.chunk_size)))
+        return
+
+    vocabs = args.vocab or ([8192, 32768] if args.quick else [49152, 262144])
+    n_tokens = args.tokens or (512 if args.quick else 2048)
+    results = []
+    for vocab in vocabs:
+        for method in args.methods:
+            r = run_one(method, n_tokens, args.hidden, vocab, args.repeats, args.chunk_size)
+            results.append(r)
+            print(json.dumps(r), file=sys.stderr, flush=True)
+    md = table(results)
+    print(md)
+
+    if args.quick or args.no_docs:
+        return
+    import torch
+
+    trl_version = next((r["trl_version"] for r in results if "trl_version" in r), "not installed")
+    cmd = "python benchmarks/vocab_loss.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    section = f"""## vocab_loss
+
+Forward + backward of a forward-KL distillation loss over the vocabulary, float32, N = {n_tokens:,}
+tokens, H = {args.hidden} (student and teacher), T = 1, no mask.
+
+- `dense`: logits materialised, `potstill.losses.DIVERGENCES["forward_kl"]`.
+- `trl_gkd`: `trl.experimental.gkd.GKDTrainer.generalized_jsd_loss` (trl {trl_version}) with `beta=0`
+  (forward KL), `reduction="batchmean"`, on materialised logits.
+- `trl_chunked`: `trl.trainer.distillation_trainer._chunked_divergence_loss` (trl {trl_version}, the
+  stable `DistillationTrainer` loss: hidden states + lm_head, [4096 x 32768] tiles, online
+  logsumexp, projections recomputed in backward), `beta=0`. On CPU it projects every position.
+- `linear`: `potstill.losses.linear.linear_divergence(..., divergence="forward_kl")`, chunk rows as
+  shown (default: 64 MiB of float32 logits per side).
+{"- `linear_generic`: the same engine forced onto its generic local-autograd path." if "linear_generic" in args.methods else ""}
+
+Time: median of {args.repeats} runs after one warm-up. Memory: peak RSS (`ru_maxrss`) minus the RSS after
+allocating the inputs, each method in its own process; it includes the gradients (`grad_head` is
+V x H x 4 bytes in every method).
+
+- Command: `{cmd}`
+- Date: {_dt.date.today().isoformat()}
+- Machine: {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), no GPU; torch {torch.__version__}, {results[0].get("threads", "?")} threads
+
+{md}
+
+Product goal at V = 262,144: `linear` peak <= 1/8 of dense and time <= 1.1x dense.
+"""
+    write_docs(section.replace("\n\n\n", "\n\n"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Held-out metrics for a distilled causal LM, computed without ``[tokens x vocab]`` for the set.
+
+:func:`evaluate_lm` walks the batches one at a time. Within a batch it runs each model's decoder
+once, keeps only the hidden states at label positions, and projects them to the vocabulary in
+chunks of ``chunk_tokens`` rows (:func:`potstill.models.hf.lm_hidden_and_head`, soft-capping
+applied when the model has it, so the logits are exact). Peak extra memory is therefore about
+``2 * chunk_tokens * V`` floats, whatever the batch and vocabulary size (Gemma 3: V = 262,144).
+
+Definitions (all means are over label tokens, i.e. positions ``t`` with ``labels[t] != -100``
+for ``t >= 1``, predicted from position ``t - 1``; HF label convention):
+
+* ``perplexity`` = ``exp(mean CE(student))`` at temperature 1 (``temperature`` does not affect it).
+* ``teacher_perplexity`` = the same for the teacher (a reference point for the report).
+* ``kl_to_teacher`` = mean over tokens of ``KL(p_T || p_S)`` in nats, with both distributions
+  at ``temperature`` (``softmax(z / T)``). No ``T**2`` factor (that is a training-loss scaling).
+* ``agreement`` = fraction of tokens where ``argmax`` student == ``argmax`` teacher.
+* ``tokens`` = number of label tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from potstill.models.hf import final_logit_softcap, generate_greedy, lm_hidden_and_head, logits_from_hidden
+
+__all__ = ["evaluate_lm", "greedy_generate"]
+
+
+def _as_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(input_ids, attention_mask, labels) from a dict batch or a bare ``[B, T]`` id tensor."""
+    if isinstance(batch, torch.Tensor):
+        return batch, None, batch
+    if not isinstance(batch, Mapping):
+        raise TypeError("a batch must be a LongTensor [B, T] or a dict with 'input_ids'")
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    labels = batch.get("labels")
+    if labels is None:
+        labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
+    return ids, mask, labels
+
+
+def _label_hidden(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | None, pos: torch.Tensor):
+    hidden, weight, bias = lm_hidden_and_head(model, ids, mask, allow_softcap=True)
+    return hidden[:, :-1][pos], weight, bias, final_logit_softcap(model)
+
+
+@torch.no_grad()
+def evaluate_lm(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module | None,
+    batches: Iterable[Any],
+    *,
+    temperature: float = 1.0,
+    chunk_tokens: int = 512,
+) -> dict[str, float]:
+    """Held-out ``perplexity``, ``kl_to_teacher``, ``agreement`` and ``tokens`` (see module doc).
+
+    ``batches`` yields dicts with ``input_ids`` and optionally ``attention_mask`` and ``labels``
+    (labels default to ``input_ids`` with padding masked), or bare ``[B, T]`` id tensors (packed
+    text: every next token counts). With ``teacher=None`` only ``perplexity`` and ``tokens`` are
+    returned. Both models are put in eval mode and restored afterwards; statistics are
+    accumulated in float64.
+    """
+    if temperature <= 0:
+        raise ValueError("temperature must be positive")
+    models = [student] + ([teacher] if teacher is not None else [])
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    ce_s = ce_t = kl = 0.0
+    agree = 0
+    n = 0
+    try:
+        for batch in batches:
+            ids, mask, labels = _as_batch(batch)
+            target = labels[:, 1:]
+            pos = target != -100
+            count = int(pos.sum())
+            if count == 0:
+                continue
+            tgt = target[pos]
+            hs, ws, bs, cap_s = _label_hidden(student, ids, mask, pos)
+            if teacher is not None:
+                ht, wt, bt, cap_t = _label_hidden(teacher, ids, mask, pos)
+                if wt.shape[0] != ws.shape[0]:
+                    raise ValueError(
+                        f"student vocabulary ({ws.shape[0]}) differs from the teacher's ({wt.shape[0]})"
+                    )
+            for start in range(0, count, chunk_tokens):
+                sl = slice(start, start + chunk_tokens)
+                zs = logits_from_hidden(hs[sl], ws, bs, cap_s).float()
+                y = tgt[sl]
+                ce_s += float(F.cross_entropy(zs, y, reduction="sum", ignore_index=-100).double())
+                if teacher is None:
+                    continue
+                zt = logits_from_hidden(ht[sl], wt, bt, cap_t).float()
+                ce_t += float(F.cross_entropy(zt, y, reduction="sum").double())
+                agree += int((zs.argmax(-1) == zt.argmax(-1)).sum())
+                lt = F.log_softmax(zt / temperature, dim=-1)
+                ls = F.log_softmax(zs / temperature, dim=-1)
+                kl += float((lt.exp() * (lt - ls)).sum().double())
+                del zt, lt, ls
+            n += count
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+    if n == 0:
+        raise ValueError("no label tokens in the evaluation batches")
+    result: dict[str, float] = {"perplexity": math.exp(ce_s / n), "tokens": n}
+    if teacher is not None:
+        result.update(
+            kl_to_teacher=kl / n,
+            agreement=agree / n,
+            teacher_perplexity=math.exp(ce_t / n),
+            temperature=float(temperature),
+        )
+    return result
+
+
+def greedy_generate(
+    model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 64, *, batch_size: int = 8
+) -> list[str]:
+    """Greedy chat responses for the report's side-by-side generations (chat template applied)."""
+    return generate_greedy(model, tokenizer, list(prompts), max_new_tokens=max_new_tokens, batch_size=batch_size)

@@ -1,0 +1,83 @@
+"""Classifier evaluation: accuracy next to fidelity (agreement, KL to the teacher) and calibration.
+
+Fidelity metrics follow Stanton et al. (NeurIPS 2021): top-1 agreement with the teacher and
+the predictive KL(teacher || student) averaged over inputs, at temperature 1.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch import Tensor, nn
+
+from potstill.losses.divergences import forward_kl
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: Tensor, batch_size: int = 1024) -> Tensor:
+    was_training = model.training
+    model.eval()
+    logits = torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    model.train(was_training)
+    return logits.float()
+
+
+def reliability(logits: Tensor, labels: Tensor, bins: int = 15) -> dict[str, list]:
+    """Per confidence bin (equal width on [0, 1]): mean confidence, accuracy and count (None if empty)."""
+    probs = logits.softmax(-1)
+    confidence, prediction = probs.max(-1)
+    correct = (prediction == labels).float()
+    which = torch.clamp((confidence * bins).long(), max=bins - 1)
+    out: dict[str, list] = {"confidence": [], "accuracy": [], "count": []}
+    for b in range(bins):
+        members = which == b
+        count = int(members.sum())
+        out["count"].append(count)
+        out["confidence"].append(float(confidence[members].mean()) if count else None)
+        out["accuracy"].append(float(correct[members].mean()) if count else None)
+    return out
+
+
+def expected_calibration_error(logits: Tensor, labels: Tensor, bins: int = 15) -> float:
+    """ECE: sum over bins of (bin size / N) * |accuracy - mean confidence|."""
+    table = reliability(logits, labels, bins)
+    total = sum(table["count"])
+    return sum(
+        count / total * abs(acc - conf)
+        for count, acc, conf in zip(table["count"], table["accuracy"], table["confidence"]) if count
+    )
+
+
+def classification_metrics(logits: Tensor, labels: Tensor, teacher_logits: Tensor | None, bins: int = 15) -> dict[str, float]:
+    metrics = {
+        "accuracy": float((logits.argmax(-1) == labels).float().mean()),
+        "ece": expected_calibration_error(logits, labels, bins),
+    }
+    if teacher_logits is not None:
+        metrics["agreement"] = float((logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean())
+        metrics["kl_to_teacher"] = float(forward_kl(logits, teacher_logits))
+    return metrics
+
+
+@torch.no_grad()
+def latency_ms(model: nn.Module, sample: Tensor, batch_size: int, repeats: int = 20) -> float:
+    """Median wall time of one forward pass at ``batch_size`` in milliseconds (after warmup)."""
+    model.eval()
+    x = sample[:1].expand(batch_size, *sample.shape[1:]).contiguous()
+    for _ in range(3):
+        model(x)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(x)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def summarize(values: list[float]) -> dict:
+    """{mean, std, values}: std is the sample std (0 for one value)."""
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": mean, "std": std, "values": values}

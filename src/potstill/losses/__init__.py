@@ -1,0 +1,40 @@
+"""potstill.losses: divergences and knowledge-distillation objectives (public API)."""
+
+from potstill.losses.classic import dkd, dkd_parts, kd, standardize_logits
+from potstill.losses.divergences import (
+    DIVERGENCES,
+    forward_kl,
+    jsd,
+    reverse_kl,
+    skew_forward_kl,
+    skew_reverse_kl,
+    tvd,
+)
+from potstill.losses.features import (
+    CRDLoss,
+    attention_map,
+    attention_transfer,
+    hint_loss,
+    rkd_angle,
+    rkd_distance,
+)
+
+__all__ = [
+    "DIVERGENCES",
+    "forward_kl",
+    "reverse_kl",
+    "jsd",
+    "skew_forward_kl",
+    "skew_reverse_kl",
+    "tvd",
+    "standardize_logits",
+    "kd",
+    "dkd",
+    "dkd_parts",
+    "hint_loss",
+    "attention_map",
+    "attention_transfer",
+    "rkd_distance",
+    "rkd_angle",
+    "CRDLoss",
+]

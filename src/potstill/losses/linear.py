@@ -1,0 +1,554 @@
+"""Chunked ("linear") vocabulary losses: divergences computed from hidden states and LM heads
+without ever materialising the full ``[N, V]`` logits.
+
+``linear_divergence(student_hidden, student_head, teacher_hidden, teacher_head, ...)`` returns the
+same value and the same gradients (w.r.t. ``student_hidden``, ``student_head`` and
+``student_bias``) as the dense computation::
+
+    s = student_hidden @ student_head.T (+ student_bias)
+    t = teacher_hidden @ teacher_head.T (+ teacher_bias)      # or teacher_logits
+    DIVERGENCES[divergence](s, t, temperature=T, mask=mask, **kw)
+        + ce_weight * F.cross_entropy(s, labels, ignore_index=ignore_index)
+
+(with the normalisation described in :func:`linear_divergence`), while holding at most
+``chunk_size x V`` logits per side at a time, in the forward *and* the backward pass.
+
+How it works
+------------
+A custom :class:`torch.autograd.Function` loops, in its forward, over chunks of rows (positions).
+For each chunk it
+
+1. computes the chunk's student and teacher logits with one GEMM each (float32 accumulation and
+   output for float32 / bf16 / fp16 inputs, float64 for float64 inputs), into reused buffers;
+2. evaluates the per-position divergence (and the hard-label cross-entropy if ``ce_weight > 0``)
+   and the gradient of the chunk's contribution to the loss w.r.t. the chunk's student logits;
+3. immediately folds that gradient into ``grad_hidden[chunk] = g @ W`` and
+   ``grad_head += g.T @ h`` (and ``grad_bias += g.sum(0)``), then drops it.
+
+Backward only multiplies the stored gradients by ``grad_output``: nothing is recomputed, and no
+``[N, V]`` tensor exists at any point.
+
+Gradients w.r.t. the chunk logits come from one of two paths:
+
+* **closed form** for ``forward_kl``, ``reverse_kl`` and ``jsd`` (the common objectives): a few
+  in-place passes over the chunk, no autograd graph. With ``u = z / T``, ``q = softmax(u)``,
+  ``p = softmax(t / T)``:
+
+  - forward KL: ``dL/du = q - p``;
+  - reverse KL: ``dL/du = q * (d - L)`` with ``d = log q - log p`` and ``L = sum q d``;
+  - generalised JSD(beta), ``m = beta p + (1 - beta) q``:
+    ``dL/du = (1 - beta) q * (log q - log m - KL(q || m))``;
+
+  and ``dL/dz = dL/du / T``. If a chunk produces a non-finite value (e.g. ``-inf`` teacher logits
+  with exact zero probabilities), the chunk is recomputed with the generic path, which reproduces
+  the dense semantics exactly.
+* **generic**, for every other entry of :data:`potstill.losses.divergences.PER_POSITION`
+  (skew KLs, TVD, and anything registered later): the chunk logits become an autograd leaf, the
+  per-position function runs under ``torch.enable_grad()`` and ``torch.autograd.grad`` returns the
+  gradient w.r.t. the chunk logits. New divergences added to ``PER_POSITION`` work automatically.
+
+Rows that contribute nothing (masked out for the KD term *and* ignored by the CE term) are skipped
+entirely: no logits are computed for them and their ``grad_hidden`` rows are zero.
+
+Chunk size
+----------
+``chunk_size=None`` picks ``chunk_size = max(1, CHUNK_BUDGET_BYTES // (V * itemsize))`` rows
+(``itemsize`` = 4 for float32 compute, 8 for float64), rounded down to a multiple of 8 when
+larger than 8, so that one side's chunk logits take at most :data:`CHUNK_BUDGET_BYTES` = 64 MiB
+(64 rows at V = 262,144 in float32; 341 -> 336 rows at V = 49,152). The closed-form paths keep
+three (forward/reverse KL) or four (JSD) such buffers alive, plus one for CE at ``T != 1``; the
+generic path keeps the autograd intermediates of one chunk (about ten buffers).
+
+Memory outside the chunk buffers: the gradients themselves (``grad_head`` is ``V x Hs``, like in
+the dense backward). For bf16/fp16 heads, a float32 copy of each head is made once per call
+(``V x H x 4`` bytes) so that logits and gradient GEMMs run in float32; ``grad_head`` is
+accumulated in float32 and cast back to the head's dtype at the end.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from potstill.losses import divergences as _div
+from potstill.losses.divergences import PER_POSITION
+
+__all__ = ["linear_divergence", "linear_divergence_parts", "default_chunk_size", "CHUNK_BUDGET_BYTES"]
+
+CHUNK_BUDGET_BYTES = 64 * 2**20
+"""Default budget (bytes) for one side's chunk of logits: 64 MiB."""
+
+
+def default_chunk_size(vocab_size: int, n_rows: int | None = None, itemsize: int = 4) -> int:
+    """Rows per chunk so that ``rows x vocab_size x itemsize <= CHUNK_BUDGET_BYTES`` (at least 1)."""
+    rows = max(1, CHUNK_BUDGET_BYTES // max(1, vocab_size * itemsize))
+    if rows > 8:
+        rows -= rows % 8
+    if n_rows is not None:
+        rows = max(1, min(rows, n_rows))
+    return int(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# closed-form kernels. Inputs: log_q, log_p ([n, V], owned, may be overwritten) and a spare buffer.
+# Output: (per-row value [n], G = d value / d(z/T) [n, V] or None, q = softmax(z/T) or None).
+# G and q must be distinct tensors (q is needed for the fused CE term when T == 1).
+# ---------------------------------------------------------------------------------------------
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """sum_v a[i, v] b[i, v], without a temporary [n, V] product."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(a.shape[0])
+
+
+def _fkl_kernel(log_q: Tensor, log_p: Tensor, spare: list[Tensor], want_grad: bool):
+    p = torch.exp(log_p, out=spare[0])
+    log_p.sub_(log_q)  # log p - log q
+    value = _rowdot(p, log_p)
+    if not want_grad:
+        return value, None, None
+    q = log_q.exp_()
+    g = torch.sub(q, p, out=log_p)  # q - p
+    return value, g, q
+
+
+def _rkl_kernel(log_q: Tensor, log_p: Tensor, spare: list[Tensor], want_grad: bool):
+    q = torch.exp(log_q, out=spare[0])
+    d = torch.sub(log_q, log_p, out=log_p)  # log q - log p
+    value = _rowdot(q, d)
+    if not want_grad:
+        return value, None, None
+    g = d.sub_(value.unsqueeze(1)).mul_(q)  # q (d - L)
+    return value, g, q
+
+
+def _jsd_kernel(log_q: Tensor, log_p: Tensor, spare: list[Tensor], want_grad: bool, beta: float = 0.5):
+    if beta == 0.0:
+        return _fkl_kernel(log_q, log_p, spare, want_grad)
+    if beta == 1.0:
+        return _rkl_kernel(log_q, log_p, spare, want_grad)
+    prob, log_m = spare[0], spare[1]
+    # log m = logaddexp(log p + log beta, log q + log(1 - beta)), as in divergences._log_mixture
+    torch.add(log_p, math.log(beta), out=log_m)
+    torch.add(log_q, math.log1p(-beta), out=prob)
+    torch.logaddexp(log_m, prob, out=log_m)
+    torch.exp(log_p, out=prob)  # p
+    log_p.sub_(log_m)
+    kl_pm = _rowdot(prob, log_p)
+    torch.exp(log_q, out=prob)  # q
+    log_q.sub_(log_m)
+    kl_qm = _rowdot(prob, log_q)
+    value = beta * kl_pm + (1.0 - beta) * kl_qm
+    if not want_grad:
+        return value, None, None
+    g = log_q.sub_(kl_qm.unsqueeze(1)).mul_(prob).mul_(1.0 - beta)
+    return value, g, prob
+
+
+@dataclass(frozen=True)
+class _ClosedForm:
+    per_position: Callable[..., Tensor]  # the PER_POSITION entry this kernel reproduces
+    kernel: Callable[..., Any]
+    n_spare: int
+
+
+_CLOSED_FORM: dict[str, _ClosedForm] = {
+    "forward_kl": _ClosedForm(_div.forward_kl_pp, _fkl_kernel, 1),
+    "reverse_kl": _ClosedForm(_div.reverse_kl_pp, _rkl_kernel, 1),
+    "jsd": _ClosedForm(_div.jsd_pp, _jsd_kernel, 2),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# the autograd Function
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Config:
+    divergence: str
+    kwargs: dict
+    temperature: float
+    chunk_size: int
+    teacher_hidden: Tensor | None
+    teacher_head: Tensor | None
+    teacher_bias: Tensor | None
+    teacher_logits: Tensor | None
+    kd_mask: Tensor  # [N] bool
+    kd_denom: float
+    ce_weight: float
+    labels: Tensor | None  # [N] long, or None when ce_weight == 0
+    ce_valid: Tensor | None  # [N] bool
+    ce_denom: float
+    needs: tuple[bool, bool, bool]  # grads for hidden, head, bias
+    parts: dict = field(default_factory=dict)
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+class _LinearDivergenceFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_hidden: Tensor, student_head: Tensor, student_bias: Tensor | None,
+                cfg: _Config) -> Tensor:
+        total, grads = _run(student_hidden, student_head, student_bias, cfg)
+        ctx.grads = grads
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output: Tensor):
+        grads = ctx.grads
+        scale_is_one = grad_output.numel() == 1 and bool(grad_output == 1)
+        out = []
+        for g in grads:
+            if g is None:
+                out.append(None)
+            elif scale_is_one:
+                out.append(g)
+            else:
+                out.append(g * grad_output.to(g.dtype))
+        return out[0], out[1], out[2], None
+
+
+def _run(h: Tensor, w: Tensor, b: Tensor | None, cfg: _Config):
+    n_rows, vocab = h.shape[0], w.shape[0]
+    cd = _compute_dtype(h)
+    dev = h.device
+    need_h, need_w, need_b = cfg.needs
+    want_grad = need_h or need_w or need_b
+    T = float(cfg.temperature)
+
+    # compute-dtype views/copies of the parameters (copies only for low-precision inputs)
+    hc = h.detach().to(cd)
+    wc = w.detach().to(cd)
+    bc = b.detach().to(cd) if b is not None else None
+    teacher_from_logits = cfg.teacher_logits is not None
+    if not teacher_from_logits:
+        th = cfg.teacher_hidden.to(cd)
+        tw = cfg.teacher_head.to(cd)
+        tb = cfg.teacher_bias.to(cd) if cfg.teacher_bias is not None else None
+
+    grad_h = torch.zeros(n_rows, h.shape[1], dtype=cd, device=dev) if need_h else None
+    grad_w = torch.zeros(vocab, w.shape[1], dtype=cd, device=dev) if need_w else None
+    grad_b = torch.zeros(vocab, dtype=cd, device=dev) if need_b else None
+
+    kd_mask = cfg.kd_mask
+    use_ce = cfg.ce_weight != 0.0
+    active = kd_mask | cfg.ce_valid if use_ce else kd_mask
+    n_active = int(active.sum())
+    all_active = n_active == n_rows
+    idx = None if all_active else active.nonzero().squeeze(1)
+
+    kd_sum = torch.zeros((), dtype=cd, device=dev)
+    ce_sum = torch.zeros((), dtype=cd, device=dev)
+
+    fn = PER_POSITION[cfg.divergence]
+    closed = _CLOSED_FORM.get(cfg.divergence)
+    if closed is not None and closed.per_position is not fn:
+        closed = None  # the registry entry was replaced: use the generic path
+    ce_needs_extra = use_ce and T != 1.0
+
+    chunk = max(1, min(cfg.chunk_size, max(n_active, 1)))
+    if n_active:
+        buf_s = torch.empty(chunk, vocab, dtype=cd, device=dev)
+        buf_t = torch.empty(chunk, vocab, dtype=cd, device=dev)
+        n_spare = (closed.n_spare if closed is not None else 0) + (1 if ce_needs_extra else 0)
+        spares = [torch.empty(chunk, vocab, dtype=cd, device=dev) for _ in range(n_spare)]
+
+    inv_kd = 1.0 / cfg.kd_denom
+    inv_ce = cfg.ce_weight / cfg.ce_denom
+
+    def logits_into(s_out: Tensor, t_out: Tensor, start: int, stop: int, rows: Tensor | None):
+        hs = hc[start:stop] if rows is None else hc.index_select(0, rows)
+        if bc is None:
+            torch.mm(hs, wc.t(), out=s_out)
+        else:
+            torch.addmm(bc, hs, wc.t(), out=s_out)
+        if teacher_from_logits:
+            src = cfg.teacher_logits[start:stop] if rows is None else cfg.teacher_logits.index_select(0, rows)
+            t_out.copy_(src)
+        else:
+            ths = th[start:stop] if rows is None else th.index_select(0, rows)
+            if tb is None:
+                torch.mm(ths, tw.t(), out=t_out)
+            else:
+                torch.addmm(tb, ths, tw.t(), out=t_out)
+        return hs
+
+    for start in range(0, n_active, chunk):
+        stop = min(start + chunk, n_active)
+        n = stop - start
+        rows = None if all_active else idx[start:stop]
+        s_lo = start if all_active else None
+        zs, zt = buf_s[:n], buf_t[:n]
+        hs = logits_into(zs, zt, start, stop, rows)
+
+        sel = (lambda x: x[start:stop]) if all_active else (lambda x: x.index_select(0, rows))
+        kd_rows = sel(kd_mask)
+        kd_coef = kd_rows.to(cd) * inv_kd
+        if use_ce:
+            ce_rows = sel(cfg.ce_valid)
+            lab = torch.where(ce_rows, sel(cfg.labels), torch.zeros((), dtype=torch.long, device=dev))
+            ce_coef = ce_rows.to(cd) * inv_ce
+
+        result = None
+        if closed is not None:
+            result = _closed_chunk(zs, zt, [sp[:n] for sp in spares], closed, cfg.kwargs, T, want_grad,
+                                   kd_coef, lab if use_ce else None, ce_coef if use_ce else None)
+            if result is not None:
+                kd_vals, ce_vals, g = result
+                ok = bool(torch.isfinite(torch.where(kd_rows, kd_vals, 0)).all())
+                if use_ce:
+                    ok = ok and bool(torch.isfinite(torch.where(ce_rows, ce_vals, 0)).all())
+                if not ok:
+                    result = None
+                    logits_into(zs, zt, start, stop, rows)  # buffers were overwritten: recompute
+        if result is None:
+            kd_vals, ce_vals, g = _generic_chunk(zs, zt, fn, cfg.kwargs, T, want_grad, kd_rows, kd_coef,
+                                                 lab if use_ce else None, ce_rows if use_ce else None,
+                                                 ce_coef if use_ce else None)
+
+        kd_sum += torch.where(kd_rows, kd_vals, 0).sum()
+        if use_ce:
+            ce_sum += torch.where(ce_rows, ce_vals, 0).sum()
+
+        if want_grad:
+            if need_h:
+                if all_active:
+                    torch.mm(g, wc, out=grad_h[s_lo:s_lo + n])
+                else:
+                    grad_h.index_copy_(0, rows, g @ wc)
+            if need_w:
+                grad_w.addmm_(g.t(), hs)
+            if need_b:
+                grad_b += g.sum(0)
+        del g
+
+    kd = kd_sum * inv_kd
+    ce = ce_sum / cfg.ce_denom
+    total = kd + cfg.ce_weight * ce if use_ce else kd
+    cfg.parts["kd"] = kd.detach()
+    cfg.parts["ce"] = ce.detach() if use_ce else None
+
+    grads = (
+        grad_h.to(h.dtype) if need_h else None,
+        grad_w.to(w.dtype) if need_w else None,
+        grad_b.to(b.dtype) if need_b else None,
+    )
+    return total, grads
+
+
+def _closed_chunk(zs: Tensor, zt: Tensor, spares: list[Tensor], closed: _ClosedForm, kwargs: dict, T: float,
+                  want_grad: bool, kd_coef: Tensor, lab: Tensor | None, ce_coef: Tensor | None):
+    use_ce = lab is not None
+    ce_vals = None
+    q1 = None
+    if use_ce and T != 1.0:
+        # CE is at T = 1: take it (and its softmax) before the logits are rescaled in place
+        lse1 = torch.logsumexp(zs, dim=-1)
+        ce_vals = lse1 - zs.gather(1, lab.unsqueeze(1)).squeeze(1)
+        if want_grad:
+            q1 = torch.sub(zs, lse1.unsqueeze(1), out=spares[-1]).exp_()
+        spares = spares[:-1]
+    if T != 1.0:
+        zs.div_(T)
+        zt.div_(T)
+    zs.sub_(torch.logsumexp(zs, dim=-1, keepdim=True))  # log q
+    zt.sub_(torch.logsumexp(zt, dim=-1, keepdim=True))  # log p
+    if use_ce and T == 1.0:
+        ce_vals = -zs.gather(1, lab.unsqueeze(1)).squeeze(1)
+    value, g, q = closed.kernel(zs, zt, spares, want_grad, **kwargs)
+    if not want_grad:
+        return value, ce_vals, None
+    g.mul_((kd_coef / T).unsqueeze(1))
+    if use_ce:
+        g.addcmul_(q if q1 is None else q1, ce_coef.unsqueeze(1))
+        g.scatter_add_(1, lab.unsqueeze(1), -ce_coef.unsqueeze(1))
+    return value, ce_vals, g
+
+
+def _generic_chunk(zs: Tensor, zt: Tensor, fn: Callable[..., Tensor], kwargs: dict, T: float, want_grad: bool,
+                   kd_rows: Tensor, kd_coef: Tensor, lab: Tensor | None, ce_rows: Tensor | None,
+                   ce_coef: Tensor | None):
+    with torch.enable_grad() if want_grad else torch.no_grad():
+        s = zs.detach().requires_grad_(want_grad)
+        log_q = torch.log_softmax(s / T, dim=-1)
+        log_p = torch.log_softmax(zt / T, dim=-1)
+        per = fn(log_q, log_p, **kwargs)
+        objective = (torch.where(kd_rows, per, 0) * kd_coef).sum()
+        ce_vals = None
+        if lab is not None:
+            log_q1 = log_q if T == 1.0 else torch.log_softmax(s, dim=-1)
+            ce_vals = -log_q1.gather(1, lab.unsqueeze(1)).squeeze(1)
+            objective = objective + (torch.where(ce_rows, ce_vals, 0) * ce_coef).sum()
+        g = torch.autograd.grad(objective, s)[0] if want_grad else None
+    return per.detach(), (ce_vals.detach() if ce_vals is not None else None), g
+
+
+# ---------------------------------------------------------------------------------------------
+# public API
+# ---------------------------------------------------------------------------------------------
+
+
+def linear_divergence(
+    student_hidden: Tensor,
+    student_head: Tensor,
+    teacher_hidden: Tensor | None = None,
+    teacher_head: Tensor | None = None,
+    *,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    chunk_size: int | None = None,
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    teacher_logits: Tensor | None = None,
+    ce_weight: float = 0.0,
+    labels: Tensor | None = None,
+    ignore_index: int = -100,
+    num_items: int | float | Tensor | None = None,
+    return_parts: bool = False,
+    **divergence_kwargs,
+):
+    """Divergence between student and teacher next-token distributions, computed chunk by chunk
+    from hidden states and LM heads (the ``[N, V]`` logits are never materialised).
+
+    Args:
+        student_hidden: ``[..., Hs]`` student final hidden states (differentiable).
+        student_head: ``[V, Hs]`` student LM-head weight (differentiable).
+        teacher_hidden, teacher_head: ``[..., Ht]`` and ``[V, Ht]``; treated as constants.
+        divergence: any key of :data:`potstill.losses.divergences.PER_POSITION`; extra keyword
+            arguments (``beta`` for ``jsd``, ``alpha`` for the skew KLs) go to it.
+        temperature: ``p = softmax(t / T)``, ``q = softmax(s / T)``; no ``T**2`` factor.
+        mask: bool ``[...]``; positions where it is False contribute nothing to the KD term.
+            If ``None`` and ``labels`` are given, the mask is ``labels != ignore_index``;
+            if both are ``None`` every position counts.
+        chunk_size: rows per chunk; ``None`` -> :func:`default_chunk_size` (64 MiB per side).
+        student_bias, teacher_bias: optional ``[V]`` LM-head biases.
+        teacher_logits: ``[..., V]`` precomputed teacher logits, instead of teacher hidden + head.
+        ce_weight: weight of the fused hard-label cross-entropy (computed at temperature 1).
+        labels: ``[...]`` long targets for the CE term (and for the default mask).
+        ignore_index: label value excluded from CE (and from the default mask).
+        num_items: normaliser. The KD term is ``sum over masked-in positions / num_items`` and the
+            CE term ``sum over positions with labels != ignore_index / num_items``. If ``None``,
+            each term is divided by its own count of positions in this call (at least 1). Under
+            gradient accumulation, pass the number of target tokens of the whole accumulated
+            batch: the sum of the micro-batch losses then equals the full-batch mean exactly.
+        return_parts: also return ``{"kd": ..., "ce": ...}`` (detached; ``ce`` is the unweighted
+            CE, ``None`` if ``ce_weight == 0``).
+
+    Returns:
+        the scalar ``kd + ce_weight * ce`` (and the parts dict if ``return_parts``).
+
+    The value and gradients equal those of the dense computation (see the module docstring);
+    masked rows are skipped and receive zero gradient. Gradients are returned in the input dtypes;
+    all arithmetic on logits is in float32 (float64 for float64 inputs).
+    """
+    if divergence not in PER_POSITION:
+        raise ValueError(f"unknown divergence {divergence!r}; choose from {sorted(PER_POSITION)}")
+    temperature = float(temperature)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if student_head.dim() != 2:
+        raise ValueError(f"student_head must be [V, H], got {tuple(student_head.shape)}")
+    vocab, hs_dim = student_head.shape
+    if student_hidden.shape[-1] != hs_dim:
+        raise ValueError(f"student_hidden [..., {student_hidden.shape[-1]}] does not match student_head "
+                         f"{tuple(student_head.shape)}")
+    lead = student_hidden.shape[:-1]
+    n_rows = int(math.prod(lead))
+    h = student_hidden.reshape(n_rows, hs_dim)
+    if student_bias is not None and student_bias.shape != (vocab,):
+        raise ValueError(f"student_bias must be [{vocab}], got {tuple(student_bias.shape)}")
+
+    if teacher_logits is not None:
+        if teacher_hidden is not None or teacher_head is not None:
+            raise ValueError("pass either teacher_logits or teacher_hidden + teacher_head, not both")
+        if teacher_logits.shape != (*lead, vocab):
+            raise ValueError(f"teacher_logits {tuple(teacher_logits.shape)} must be {(*lead, vocab)}")
+        t_logits = teacher_logits.detach().reshape(n_rows, vocab)
+        t_hidden = t_head = None
+    else:
+        if teacher_hidden is None or teacher_head is None:
+            raise ValueError("pass teacher_hidden and teacher_head, or teacher_logits")
+        if teacher_head.dim() != 2 or teacher_head.shape[0] != vocab:
+            raise ValueError(f"teacher_head {tuple(teacher_head.shape)} must be [{vocab}, Ht] (same vocabulary)")
+        if teacher_hidden.shape[:-1] != lead or teacher_hidden.shape[-1] != teacher_head.shape[1]:
+            raise ValueError(f"teacher_hidden {tuple(teacher_hidden.shape)} must be {(*lead, teacher_head.shape[1])}")
+        t_logits = None
+        t_hidden = teacher_hidden.detach().reshape(n_rows, -1)
+        t_head = teacher_head.detach()
+    if teacher_bias is not None:
+        if teacher_logits is not None:
+            raise ValueError("teacher_bias only applies with teacher_hidden + teacher_head")
+        if teacher_bias.shape != (vocab,):
+            raise ValueError(f"teacher_bias must be [{vocab}], got {tuple(teacher_bias.shape)}")
+        teacher_bias = teacher_bias.detach()
+
+    # validate divergence kwargs once (ranges, unknown names) on a tiny input
+    _probe = torch.log_softmax(torch.zeros(1, 2, dtype=torch.float64), dim=-1)
+    PER_POSITION[divergence](_probe, _probe, **divergence_kwargs)
+
+    ce_weight = float(ce_weight)
+    flat_labels = None
+    if labels is not None:
+        if labels.shape != lead:
+            raise ValueError(f"labels {tuple(labels.shape)} must be {tuple(lead)}")
+        flat_labels = labels.reshape(n_rows).to(device=h.device, dtype=torch.long)
+    if ce_weight != 0.0 and flat_labels is None:
+        raise ValueError("ce_weight != 0 needs labels")
+
+    if mask is not None:
+        if mask.shape != lead:
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not match positions {tuple(lead)}")
+        kd_mask = mask.reshape(n_rows).to(device=h.device, dtype=torch.bool)
+    elif flat_labels is not None:
+        kd_mask = flat_labels != ignore_index
+    else:
+        kd_mask = torch.ones(n_rows, dtype=torch.bool, device=h.device)
+    ce_valid = (flat_labels != ignore_index) if ce_weight != 0.0 else None
+
+    if num_items is not None:
+        denom = float(num_items)
+        if denom <= 0:
+            raise ValueError(f"num_items must be > 0, got {num_items}")
+        kd_denom = ce_denom = denom
+    else:
+        kd_denom = float(max(int(kd_mask.sum()), 1))
+        ce_denom = float(max(int(ce_valid.sum()), 1)) if ce_valid is not None else 1.0
+
+    if chunk_size is None:
+        chunk_size = default_chunk_size(vocab, n_rows, torch.finfo(_compute_dtype(h)).bits // 8)
+    elif int(chunk_size) < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+    grad_on = torch.is_grad_enabled()
+    needs = (
+        grad_on and student_hidden.requires_grad,
+        grad_on and student_head.requires_grad,
+        grad_on and student_bias is not None and student_bias.requires_grad,
+    )
+    cfg = _Config(
+        divergence=divergence, kwargs=dict(divergence_kwargs), temperature=temperature,
+        chunk_size=int(chunk_size), teacher_hidden=t_hidden, teacher_head=t_head, teacher_bias=teacher_bias,
+        teacher_logits=t_logits, kd_mask=kd_mask, kd_denom=kd_denom, ce_weight=ce_weight,
+        labels=flat_labels, ce_valid=ce_valid, ce_denom=ce_denom, needs=needs,
+    )
+    loss = _LinearDivergenceFn.apply(h, student_head, student_bias, cfg)
+    if return_parts:
+        return loss, dict(cfg.parts)
+    return loss
+
+
+def linear_divergence_parts(*args, **kwargs) -> dict:
+    """Like :func:`linear_divergence` but returns ``{"loss": total, "kd": ..., "ce": ...}``
+    (``loss`` differentiable, the parts detached)."""
+    kwargs["return_parts"] = True
+    loss, parts = linear_divergence(*args, **kwargs)
+    return {"loss": loss, **parts}

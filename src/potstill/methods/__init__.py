@@ -1,0 +1,36 @@
+"""Distillation methods, one file each. ``METHODS`` maps a recipe's ``method`` name to its class."""
+
+from __future__ import annotations
+
+import difflib
+
+from potstill.config import validate
+from potstill.errors import UserError
+from potstill.methods.at import AttentionTransfer
+from potstill.methods.base import Method
+from potstill.methods.ce import CrossEntropy
+from potstill.methods.crd import CRD
+from potstill.methods.dkd import DKD
+from potstill.methods.fitnet import FitNet
+from potstill.methods.kd import KD
+from potstill.methods.rkd import RKD
+
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls for cls in (CrossEntropy, KD, DKD, FitNet, AttentionTransfer, RKD, CRD)
+}
+
+
+def method_class(name: str, where: str = "method") -> type[Method]:
+    if name not in METHODS:
+        close = difflib.get_close_matches(name, list(METHODS), n=1, cutoff=0.5)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; valid methods: {', '.join(METHODS)}"
+        raise UserError(f"unknown {where} '{name}'{hint}")
+    return METHODS[name]
+
+
+def method_config(name: str, params: dict, where: str):
+    """Validate a method's params against its own Config (unknown keys name the closest)."""
+    return validate(method_class(name, where).Config, params, prefix=f"{where}.params.")
+
+
+__all__ = ["METHODS", "Method", "method_class", "method_config"]

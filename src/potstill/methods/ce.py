@@ -1,0 +1,15 @@
+"""CE-only baseline: the same student and budget, trained on labels alone."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from potstill.methods.base import Method, labelled_cross_entropy
+
+
+class CrossEntropy(Method):
+    name = "ce"
+    uses_teacher = False
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {"ce": labelled_cross_entropy(self.student(batch["x"]), batch)}

@@ -1,0 +1,80 @@
+"""A run killed with SIGKILL after a checkpoint resumes to exactly the uninterrupted result."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from safetensors.torch import load_file
+
+from helpers import potstill, write_recipe
+
+TIMING = ("latency_b1_ms", "latency_b256_ms")
+
+
+def deterministic_numbers(report: dict) -> dict:
+    """Every report number except timings of this machine."""
+    def strip(metrics):
+        return {k: v for k, v in metrics.items() if k not in TIMING}
+    return {
+        "teacher": strip(report["teacher"]["metrics"]),
+        "students": {name: {"metrics": strip(s["metrics"]), "selected": s["selected_steps"]}
+                     for name, s in report["students"].items()},
+    }
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
+    recipe = write_recipe(tmp_path)
+    straight = potstill("distill", str(recipe), "--out", str(tmp_path / "straight"), cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr
+
+    run = tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "potstill", "distill", str(recipe), "--out", str(run)],
+                               cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first_checkpoint = run / "students" / "baseline" / "seed_0" / "checkpoint" / "state.json"
+    deadline = time.time() + 300
+    while not first_checkpoint.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (run / "report.json").exists()
+
+    resumed = potstill("distill", "--resume", str(run), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+
+    a = json.loads((tmp_path / "straight" / "report.json").read_text())
+    b = json.loads((run / "report.json").read_text())
+    assert deterministic_numbers(a) == deterministic_numbers(b)
+    for name in ("baseline", "kd"):
+        for seed in (0, 1):
+            wa = load_file(str(tmp_path / "straight" / "students" / name / f"seed_{seed}" / "student.safetensors"))
+            wb = load_file(str(run / "students" / name / f"seed_{seed}" / "student.safetensors"))
+            assert wa.keys() == wb.keys()
+            assert all((wa[k] == wb[k]).all() for k in wa)
+    result = json.loads((run / "students" / "baseline" / "seed_0" / "result.json").read_text())
+    assert result["resumed_from"] > 0  # it really continued from a checkpoint
+
+
+def test_finished_students_are_not_retrained(tmp_path):
+    recipe = write_recipe(tmp_path, seeds=1)
+    run = tmp_path / "run"
+    assert potstill("distill", str(recipe), "--out", str(run), cwd=tmp_path).returncode == 0
+    weights = run / "students" / "kd" / "seed_0" / "student.safetensors"
+    before = weights.stat().st_mtime_ns
+    (run / "report.json").unlink()
+    assert potstill("distill", "--resume", str(run), cwd=tmp_path).returncode == 0
+    assert weights.stat().st_mtime_ns == before and (run / "report.json").exists()
+
+
+def test_kept_teacher_is_reused(tmp_path):
+    recipe = write_recipe(tmp_path, seeds=1, students={"baseline": {"method": "ce"}})
+    first = potstill("distill", str(recipe), "--out", str(tmp_path / "a"), cwd=tmp_path)
+    second = potstill("distill", str(recipe), "--out", str(tmp_path / "b"), cwd=tmp_path)
+    assert first.returncode == 0 and second.returncode == 0
+    ra = json.loads((tmp_path / "a" / "report.json").read_text())
+    rb = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert rb["teacher"]["reused"] is True
+    assert ra["teacher"]["metrics"]["accuracy"] == rb["teacher"]["metrics"]["accuracy"]
