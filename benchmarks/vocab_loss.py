@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--hidden", type=int, default=576)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--methods", nargs="+", choices=ALL_METHODS, default=list(METHODS))
-    ap.add_argument("--chunk-size", type=int, default=None, help="rows per chunk for linear (default: 64 MiB budget)")
+    ap.add_argument("--chunk-size", type=int, default=None, help="rows per chunk for linear (default: 128 MiB budget)")
     ap.add_argument("--quick", action="store_true", help="N=512, V in {8192, 32768}; does not touch the docs")
     ap.add_argument("--no-docs", action="store_true")
     ap.add_argument("--worker", choices=ALL_METHODS, help=argparse.SUPPRESS)
@@ -243,7 +243,7 @@ tokens, H = {args.hidden} (student and teacher), T = 1, no mask.
   stable `DistillationTrainer` loss: hidden states + lm_head, [4096 x 32768] tiles, online
   logsumexp, projections recomputed in backward), `beta=0`. On CPU it projects every position.
 - `linear`: `potstill.losses.linear.linear_divergence(..., divergence="forward_kl")`, chunk rows as
-  shown (default: 64 MiB of float32 logits per side).
+  shown (default: 128 MiB of float32 logits per side).
 {"- `linear_generic`: the same engine forced onto its generic local-autograd path." if "linear_generic" in args.methods else ""}
 
 Time: median of {args.repeats} runs after one warm-up. Memory: peak RSS (`ru_maxrss`) minus the RSS after

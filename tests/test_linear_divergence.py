@@ -265,9 +265,9 @@ def test_bad_arguments():
 
 
 def test_default_chunk_size_budget():
-    assert default_chunk_size(262_144) == 64  # 64 MiB of float32 logits per side
-    assert default_chunk_size(262_144, itemsize=8) == 32
-    assert default_chunk_size(49_152) == 336
+    assert default_chunk_size(262_144) == 128  # 128 MiB of float32 logits per side
+    assert default_chunk_size(262_144, itemsize=8) == 64
+    assert default_chunk_size(49_152) == 680
     assert default_chunk_size(262_144, n_rows=10) == 10
     assert default_chunk_size(10**9) == 1
     for v in (1000, 32_000, 151_936, 262_144):

@@ -1,7 +1,7 @@
 """Image classification data for the built-in recipes, with deterministic splits and batches.
 
-Every random choice (epoch order, augmentation) is a function of (seed, step), so a resumed
-run draws exactly the batches an uninterrupted run would.
+Every random choice (epoch order, augmentation) is a function of (seed, step) (see
+:mod:`potstill.data.order`), so a resumed run draws exactly the batches an uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from potstill.config import DataConfig
+from potstill.data.order import StepOrder, keyed_generator
 from potstill.errors import UserError
 
 
@@ -77,11 +78,6 @@ def load_classification(cfg: DataConfig) -> ClassificationData:
                               int(y.max()) + 1, digest.hexdigest()[:16])
 
 
-def _generator(*keys: int) -> torch.Generator:
-    seed = int.from_bytes(hashlib.sha256(":".join(map(str, keys)).encode()).digest()[:8], "little")
-    return torch.Generator().manual_seed(seed)
-
-
 def shift_images(x: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:
     """Translate each image by a random integer offset in [-max_shift, max_shift] (zero fill)."""
     if max_shift == 0:
@@ -100,27 +96,14 @@ class BatchSource:
 
     def __init__(self, data: ClassificationData, cfg: DataConfig, batch_size: int, grad_accum: int, seed: int,
                  all_labelled: bool = False):
-        if batch_size % grad_accum:
-            raise UserError(f"train.batch_size ({batch_size}) must be divisible by train.grad_accum ({grad_accum})")
         self.data, self.cfg, self.seed = data, cfg, seed
+        self.order = StepOrder(len(data.train), batch_size, grad_accum, seed)
         self.labelled = torch.ones_like(data.labelled) if all_labelled else data.labelled
-        self.micro_size = batch_size // grad_accum
-        self.grad_accum = grad_accum
-        self.per_epoch = max(1, len(data.train) // batch_size)
-        self._order_epoch, self._order = -1, None
-
-    def _epoch_order(self, epoch: int) -> Tensor:
-        if epoch != self._order_epoch:
-            self._order = torch.randperm(len(self.data.train), generator=_generator(self.seed, epoch, 0))
-            self._order_epoch = epoch
-        return self._order
 
     def batch(self, step: int, micro: int = 0) -> dict[str, Tensor]:
-        epoch, within = divmod(step, self.per_epoch)
-        start = (within * self.grad_accum + micro) * self.micro_size
-        index = self._epoch_order(epoch)[start:start + self.micro_size]
+        index = self.order.indices(step, micro)
         x = self.data.train.x[index]
         if self.cfg.augment == "shift":
-            x = shift_images(x, self.cfg.max_shift, _generator(self.seed, step, micro, 1))
+            x = shift_images(x, self.cfg.max_shift, keyed_generator(self.seed, step, micro, 1))
         return {"x": x, "y": self.data.train.y[index], "labelled": self.labelled[index], "index": index,
-                "generator": _generator(self.seed, step, micro, 2)}
+                "generator": keyed_generator(self.seed, step, micro, 2)}

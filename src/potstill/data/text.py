@@ -59,17 +59,14 @@ FALLBACK_CHAT_FORMAT = "User: {prompt}\nAssistant: "
 # Corpus
 # --------------------------------------------------------------------------------------------
 
-_UNDERLINE = re.compile(r"[*=~\-^]{3,}")
+_RULE = re.compile(r"([*=~\-^])\1{2,}")
 
 
 def _clean_topic(text: str) -> str:
     lines = [line.rstrip() for line in text.replace("\r\n", "\n").split("\n")]
-    out: list[str] = []
-    for line in lines:
-        # reST-style heading underlines ("*****", "=====", "-----") under a non-empty line.
-        if _UNDERLINE.fullmatch(line.strip()) and out and out[-1].strip():
-            continue
-        out.append(line)
+    # reST heading underlines and horizontal rules: lines made of one repeated character
+    # ("*****", "=====", "-----").
+    out = [line for line in lines if not _RULE.fullmatch(line.strip())]
     cleaned = "\n".join(out)
     cleaned = re.sub(r"\n{3,}", "\n\n", cleaned)
     return cleaned.strip()
@@ -79,8 +76,8 @@ def pydoc_documents() -> list[str]:
     """English reference text from Python's own ``pydoc_data.topics``, one document per topic.
 
     Topics are sorted by their key, so the order is fixed for a given Python version. Cleaning
-    removes heading underlines, trailing spaces and runs of blank lines; code examples are kept
-    as they are. (Python 3.11 has 79 topics, about 0.46 M characters.)
+    removes heading underlines and horizontal rules, trailing spaces and runs of blank lines;
+    code examples are kept as they are. (Python 3.11 has 79 topics, about 0.46 M characters.)
     """
     from pydoc_data.topics import topics
 

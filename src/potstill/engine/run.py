@@ -140,7 +140,7 @@ def build_report(recipe: BaseModel, task, results: dict[str, list[dict]], seeds:
         "teacher": task.teacher_report(),
         "students": students,
     }
-    report.update(task.extra_report() if hasattr(task, "extra_report") else {})
+    report.update(task.extra_report(results) if hasattr(task, "extra_report") else {})
     return report
 
 

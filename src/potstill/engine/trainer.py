@@ -121,12 +121,16 @@ def train(method: Method, *, batches: Batches, evaluate: Callable[[], dict[str, 
         optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
         for micro in range(cfg.grad_accum):
-            losses = method(batches.batch(step, micro))
-            loss = sum(losses.values())
-            (loss / cfg.grad_accum).backward()
+            batch = batches.batch(step, micro)
+            losses = method(batch)
+            # Entries without grad are parts of a fused loss, logged only. A batch carrying
+            # num_items is already normalised over the whole step; others are micro-batch means.
+            loss = sum(v for v in losses.values() if v.requires_grad)
+            (loss if "num_items" in batch else loss / cfg.grad_accum).backward()
+            share = 1.0 if "num_items" in batch else 1.0 / cfg.grad_accum
+            totals["loss"] = totals.get("loss", 0.0) + loss.item() * share
             for name, value in losses.items():
-                totals[name] = totals.get(name, 0.0) + value.item() / cfg.grad_accum
-        totals = {"loss": sum(totals.values()), **totals}
+                totals[name] = totals.get(name, 0.0) + value.item() * share
         if cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.grad_clip)
         optimizer.step()

@@ -6,7 +6,9 @@ the predictive KL(teacher || student) averaged over inputs, at temperature 1.
 
 from __future__ import annotations
 
+import os
 import statistics
+import threading
 import time
 
 import torch
@@ -81,3 +83,40 @@ def summarize(values: list[float]) -> dict:
     mean = statistics.fmean(values)
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     return {"mean": mean, "std": std, "values": values}
+
+
+class PeakMemory:
+    """Peak growth of this process's resident memory inside a ``with`` block, in MiB.
+
+    Sampled every ``interval`` seconds from /proc/self/statm by a background thread (CPU
+    allocations are invisible to torch's CUDA-only memory statistics); 0 where /proc is absent.
+    """
+
+    def __init__(self, interval: float = 0.02):
+        self.interval = interval
+        self.peak_mb = 0.0
+
+    @staticmethod
+    def _rss_bytes() -> int:
+        try:
+            with open("/proc/self/statm") as handle:
+                return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError):
+            return 0
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._peak = max(self._peak, self._rss_bytes())
+
+    def __enter__(self) -> "PeakMemory":
+        self._start = self._peak = self._rss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, self._rss_bytes())
+        self.peak_mb = (self._peak - self._start) / 2**20

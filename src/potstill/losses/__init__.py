@@ -18,6 +18,7 @@ from potstill.losses.features import (
     rkd_angle,
     rkd_distance,
 )
+from potstill.losses.linear import linear_divergence, linear_divergence_parts
 
 __all__ = [
     "DIVERGENCES",
@@ -37,4 +38,6 @@ __all__ = [
     "rkd_distance",
     "rkd_angle",
     "CRDLoss",
+    "linear_divergence",
+    "linear_divergence_parts",
 ]

@@ -13,10 +13,11 @@ from potstill.methods.crd import CRD
 from potstill.methods.dkd import DKD
 from potstill.methods.fitnet import FitNet
 from potstill.methods.kd import KD
+from potstill.methods.lm import LMCrossEntropy, LMDistill
 from potstill.methods.rkd import RKD
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (CrossEntropy, KD, DKD, FitNet, AttentionTransfer, RKD, CRD)
+    cls.name: cls for cls in (CrossEntropy, KD, DKD, FitNet, AttentionTransfer, RKD, CRD, LMCrossEntropy, LMDistill)
 }
 
 

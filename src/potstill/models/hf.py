@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
 import shutil
@@ -318,7 +319,7 @@ def count_params(model: torch.nn.Module, *, exclude_embeddings: bool = False) ->
 def student_layer_indices(teacher_layers: int, student_layers: int) -> list[int]:
     """Evenly spaced teacher layers for a student: always the first and (for >1) the last.
 
-    ``round(i * (L - 1) / (n - 1))`` for ``i = 0..n-1``; e.g. 30 -> 8 gives
+    ``floor(i * (L - 1) / (n - 1) + 0.5)`` for ``i = 0..n-1`` (halves round up); 30 -> 8 gives
     ``[0, 4, 8, 12, 17, 21, 25, 29]``. A one-layer student takes layer 0.
     """
     if not 1 <= student_layers <= teacher_layers:
@@ -326,7 +327,7 @@ def student_layer_indices(teacher_layers: int, student_layers: int) -> list[int]
     if student_layers == 1:
         return [0]
     step = (teacher_layers - 1) / (student_layers - 1)
-    return [int(round(i * step)) for i in range(student_layers)]
+    return [int(math.floor(i * step + 0.5)) for i in range(student_layers)]
 
 
 def _text_config(config: Any) -> Any:
@@ -348,6 +349,7 @@ def make_student(
     hidden_size: int | None = None,
     intermediate_size: int | None = None,
     num_heads: int | None = None,
+    num_kv_heads: int | None = None,
     init: str = "teacher_layers",
     seed: int = 0,
 ) -> torch.nn.Module:
@@ -357,8 +359,9 @@ def make_student(
     * ``hidden_size`` / ``intermediate_size`` / ``num_heads``: optional narrower widths. When
       the teacher's ``head_dim`` equals ``hidden_size // num_attention_heads`` (Llama/SmolLM2),
       the student's is recomputed the same way; a decoupled ``head_dim`` (Gemma 3: 256) is kept.
-      ``num_key_value_heads`` becomes the largest divisor of ``num_heads`` that is not above the
-      teacher's value (so it is unchanged when the head count is).
+      ``num_kv_heads`` (grouped-query attention) must divide ``num_heads``; by default it is the
+      largest divisor of ``num_heads`` not above the teacher's value (unchanged when the head
+      count is).
     * Per-layer config lists (e.g. ``layer_types``: sliding vs. full attention) follow the
       chosen layers, so a student keeps each copied layer's attention type.
     * ``init="teacher_layers"``: copies the embeddings, final norm, LM head and the layers
@@ -380,6 +383,7 @@ def make_student(
         "hidden_size": (hidden_size, t_cfg.hidden_size),
         "intermediate_size": (intermediate_size, t_cfg.intermediate_size),
         "num_attention_heads": (num_heads, t_cfg.num_attention_heads),
+        "num_key_value_heads": (num_kv_heads, getattr(t_cfg, "num_key_value_heads", None)),
     }
     changed = [k for k, (new, old) in widths.items() if new is not None and new != old]
     if init == "teacher_layers" and changed:
@@ -406,7 +410,11 @@ def make_student(
     if intermediate_size:
         cfg.intermediate_size = intermediate_size
     kv = getattr(t_cfg, "num_key_value_heads", None)
-    if kv is not None:
+    if num_kv_heads is not None:
+        if num_kv_heads < 1 or new_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads {num_kv_heads} must divide num_heads {new_heads}")
+        cfg.num_key_value_heads = num_kv_heads
+    elif kv is not None:
         kv = min(int(kv), new_heads)
         while new_heads % kv:
             kv -= 1
@@ -457,8 +465,15 @@ def tiny_llama(
     seed: int = 0,
     **config_overrides: Any,
 ) -> torch.nn.Module:
-    """A tiny random ``LlamaForCausalLM`` (SmolLM2's architecture) for tests and smoke runs."""
+    """A tiny random ``LlamaForCausalLM`` (SmolLM2's architecture) for tests and smoke runs.
+
+    Its config has no BOS/EOS/pad ids (``LlamaConfig`` would default to 1 and 2, which mean
+    other tokens in a tokenizer of one's own); generation then stops on the tokenizer's tokens.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        config_overrides.setdefault(key, None)
 
     config = LlamaConfig(
         vocab_size=vocab_size,
@@ -491,8 +506,16 @@ def tiny_gemma3(
     seed: int = 0,
     **config_overrides: Any,
 ) -> torch.nn.Module:
-    """A tiny random ``Gemma3ForCausalLM`` (decoupled ``head_dim``, sliding/full layers)."""
+    """A tiny random ``Gemma3ForCausalLM`` (decoupled ``head_dim``; every third layer uses full
+    attention, the others sliding-window attention, unless ``layer_types`` is given)."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        config_overrides.setdefault(key, None)
+    config_overrides.setdefault(
+        "layer_types",
+        ["full_attention" if (i + 1) % 3 == 0 else "sliding_attention" for i in range(num_layers)],
+    )
 
     config = Gemma3TextConfig(
         vocab_size=vocab_size,
@@ -570,6 +593,7 @@ def lm_hidden_and_head(
 # Generation
 # --------------------------------------------------------------------------------------------
 
+_FALLBACK_NEXT_TURN = "\nUser:"
 _END_OF_TURN_TOKENS = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>", "</s>")
 
 
@@ -603,6 +627,8 @@ def generate_greedy(
 
     Batches are left-padded; decoding stops at any :func:`stop_token_ids` token or after
     ``max_new_tokens``. Special tokens are removed and whitespace stripped from the results.
+    For a tokenizer without a chat template (plain ``"User: ...\nAssistant: "`` format) the
+    response is cut where the model starts a new ``"\nUser:"`` line.
     The model's own generation defaults (sampling, temperature) are ignored.
     """
     from transformers import GenerationConfig
@@ -634,7 +660,12 @@ def generate_greedy(
                 input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], generation_config=gen_config
             )
             new = out[:, enc["input_ids"].shape[1] :]
-            results.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
+            for text in tokenizer.batch_decode(new, skip_special_tokens=True):
+                if add_special:
+                    # Plain "User:/Assistant:" format: a base model tends to go on with the next
+                    # turn; the response ends where a new "User:" line starts.
+                    text = text.split(_FALLBACK_NEXT_TURN, 1)[0]
+                results.append(text.strip())
     finally:
         tokenizer.padding_side = old_side
         model.train(was_training)

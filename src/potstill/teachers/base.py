@@ -10,8 +10,15 @@ from torch import Tensor
 
 @dataclass
 class TeacherOutput:
+    """Targets for one batch. Classifier teachers fill ``logits`` (and tapped ``features``);
+    LM teachers fill ``hidden`` (input of the LM head) and ``head``/``head_bias``, so losses can
+    project to the vocabulary chunk by chunk."""
+
     logits: Tensor | None = None
     features: dict[str, Tensor] = field(default_factory=dict)
+    hidden: Tensor | None = None
+    head: Tensor | None = None
+    head_bias: Tensor | None = None
 
 
 @runtime_checkable

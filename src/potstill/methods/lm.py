@@ -1,0 +1,75 @@
+"""Token-level distillation of causal LMs through the chunked vocabulary engine.
+
+``lm_kd``: kd_weight * D(teacher || student) over response/text tokens + ce_weight * CE, for any
+divergence of potstill.losses (forward KL as in classic sequence KD, reverse KL as in MiniLLM,
+generalized JSD as in GKD, skew KL as in DistiLLM, TVD). ``lm_ce``: the CE-only baseline.
+Both go through ``linear_divergence``, so no [tokens x vocab] tensor is ever built, and both
+normalise by the target tokens of the whole optimizer step (``batch["num_items"]``), so
+gradient accumulation does not change the objective.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from torch import Tensor
+
+from potstill.config import Strict
+from potstill.losses.linear import linear_divergence_parts
+from potstill.methods.base import Method
+from potstill.models.hf import lm_hidden_and_head
+
+
+def shifted(batch: dict[str, Tensor], hidden: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows that predict a target token: (hidden [n, H], labels [n]) with position t predicting t+1."""
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    return hidden[:, :-1][keep], labels[keep]
+
+
+class LMDistill(Method):
+    name = "lm_kd"
+
+    class Config(Strict):
+        divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"] = Field(
+            "forward_kl", description="Token-level divergence between teacher and student next-token distributions.")
+        temperature: float = Field(1.0, gt=0, description="Softmax temperature of both sides.")
+        beta: float = Field(0.5, ge=0, le=1, description="jsd only: mixture weight of the teacher (0: forward KL, 1: reverse KL).")
+        alpha: float = Field(0.1, ge=0, lt=1, description="skew KLs only: skew of the mixture.")
+        kd_weight: float = Field(1.0, gt=0, description="Weight of the divergence.")
+        ce_weight: float = Field(0.0, ge=0, description="Weight of the hard-label cross-entropy on the same tokens.")
+        chunk_size: int | None = Field(None, description="Rows per vocabulary chunk (null: from a fixed memory budget).")
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        cfg = self.config
+        hidden, head, bias = lm_hidden_and_head(self.student, batch["input_ids"], batch["attention_mask"])
+        rows, labels = shifted(batch, hidden)
+        target = self.teacher.targets(batch)
+        teacher_rows, _ = shifted(batch, target.hidden)
+        extra = {"beta": cfg.beta} if cfg.divergence == "jsd" else {}
+        extra.update({"alpha": cfg.alpha} if cfg.divergence.startswith("skew") else {})
+        parts = linear_divergence_parts(
+            rows, head, teacher_rows, target.head, student_bias=bias, teacher_bias=target.head_bias,
+            divergence=cfg.divergence, temperature=cfg.temperature, ce_weight=cfg.ce_weight / cfg.kd_weight,
+            labels=labels, num_items=batch["num_items"], chunk_size=cfg.chunk_size, **extra)
+        losses = {"objective": cfg.kd_weight * parts["loss"], "kd": cfg.kd_weight * parts["kd"]}
+        if parts.get("ce") is not None:
+            losses["ce"] = cfg.ce_weight * parts["ce"]
+        return losses
+
+
+class LMCrossEntropy(Method):
+    name = "lm_ce"
+    uses_teacher = False
+
+    class Config(Strict):
+        chunk_size: int | None = Field(None, description="Rows per vocabulary chunk (null: from a fixed memory budget).")
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        hidden, head, bias = lm_hidden_and_head(self.student, batch["input_ids"], batch["attention_mask"])
+        rows, labels = shifted(batch, hidden)
+        parts = linear_divergence_parts(rows, head, None, None, student_bias=bias, ce_weight=1.0, labels=labels,
+                                        num_items=batch["num_items"], chunk_size=self.config.chunk_size,
+                                        ce_only=True)
+        return {"ce": parts["loss"]}
