@@ -29,7 +29,7 @@ repeat); overhead is the median over repeats of the per-repeat ratio to ``hand``
 
 Usage::
 
-    python benchmarks/engine_overhead.py [--steps 120] [--repeats 7] [--write-docs]
+    python benchmarks/engine_overhead.py [--steps 120] [--repeats 7 [3]] [--threads 1 2] [--write-docs]
 """
 
 from __future__ import annotations
@@ -153,11 +153,12 @@ def bench(data, teacher, hidden: list[int], threads: int, steps: int, repeats: i
             stamps: list = []
             student = new_student(data, hidden)
             runners[name](student, stamps)
-            window = stamps[WARMUP - 1:]
+            window = stamps[WARMUP - 1:-1]  # ends of steps WARMUP..steps-1: the last step evaluates and logs
             wall[name].append(statistics.median(b[0] - a[0] for a, b in zip(window, window[1:])))
             cpu[name].append((window[-1][1] - window[0][1]) / (len(window) - 1))
             students.setdefault(name, student)  # first repeat: equivalence check
-    return {"hidden": hidden, "threads": threads, "wall": wall, "cpu": cpu,
+        print(f"  MLP {hidden}, {threads} thread(s): repeat {r + 1}/{repeats} done", file=sys.stderr, flush=True)
+    return {"hidden": hidden, "threads": threads, "repeats": repeats, "wall": wall, "cpu": cpu,
             "equiv": {name: compare(students["engine"], students[name]) for name in VARIANTS if name != "engine"}}
 
 
@@ -176,16 +177,20 @@ HEADER = ["student", "threads", "variant", "wall ms/step", "wall ÷ hand", "CPU 
 
 
 def markdown(results: list[dict], args, command: str) -> str:
+    repeats = ", ".join(f"{r['repeats']} at {r['threads']} thread(s)" for r in results[::2])
     lines = [START, "## Engine overhead: `train()` vs a hand-written KD loop", "",
-             f"`{command}`, {_dt.date.today().isoformat()}, {platform.machine()} CPU with {os.cpu_count()} cores, "
-             "shared with other jobs while measuring (load average above the core count: timings are noisy, "
-             f"2-thread ones badly so), torch {torch.__version__}, Python {platform.python_version()}.", "",
+             f"`{command}`, {_dt.date.today().isoformat()}, {platform.machine()} CPU with {os.cpu_count()} "
+             "cores, shared with other jobs while measuring (load average well above the core count: timings are "
+             f"noisy, 2-thread ones badly so), torch {torch.__version__}, Python {platform.python_version()}.", "",
              f"Digits 8x8, batch {BATCH}, teacher CNN channels {TEACHER.channels} hidden {TEACHER.hidden}, KD at "
              f"T={T:g}; {args.steps} steps per run, steps {WARMUP + 1}..{args.steps - 1} timed (no evaluation, "
-             f"logging or checkpoint among them); {args.repeats} interleaved repeats. Per run: wall = median of "
-             "the per-step wall times, CPU = process CPU time (all threads) over the window / steps. Cells: median "
-             "[min–max] over repeats; ratios are per-repeat ratios to `hand`. Goal: engine overhead <= 5% (ratio <= 1.05). See the module "
-             "docstring of `benchmarks/engine_overhead.py` for exactly what each variant does.", "",
+             f"logging or checkpoint among them); interleaved repeats per thread count: {repeats}. Per run: wall "
+             "= median of the per-step wall times, CPU = process CPU time (all threads) over the window / steps. "
+             "Cells: median [min–max] over repeats; ratios: per-repeat ratio to `hand`. Goal: engine overhead "
+             "<= 5% (ratio <= 1.05). `hand+potstill losses` ÷ `hand` is the cost of potstill's loss formulas "
+             "(masked-mean CE, log-space KL with -inf guards); `engine` ÷ `hand+potstill losses` is the rest "
+             "(trainer glue, `KD` and `LocalTeacher` wrappers). Variants: see the docstring of "
+             "`benchmarks/engine_overhead.py`.", "",
              "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(row) + " |" for result in results for row in rows(result)]
     lines += ["", f"Equivalence: student weights after {args.steps} steps from seed {SEED} "
@@ -211,18 +216,23 @@ def write_docs(section: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=120, help="steps per run (the first %d are not timed)" % WARMUP)
-    parser.add_argument("--repeats", type=int, default=7, help="interleaved runs of each variant per setting")
+    parser.add_argument("--repeats", type=int, nargs="+", default=[7],
+                        help="interleaved runs of each variant per setting: one value, or one per --threads entry")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch intra-op thread counts")
     parser.add_argument("--write-docs", action="store_true", help=f"update {DOCS.relative_to(ROOT)}")
     args = parser.parse_args()
     if args.steps < WARMUP + 2:
         parser.error(f"--steps must be at least {WARMUP + 2}")
+    if len(args.repeats) not in (1, len(args.threads)):
+        parser.error("--repeats takes one value or one per --threads entry")
+    repeats = dict(zip(args.threads, args.repeats * len(args.threads) if len(args.repeats) == 1 else args.repeats))
     data = load_classification(DATA)
     torch.manual_seed(1234)
     teacher = build_classifier(TEACHER, data.input_shape, data.num_classes)
     results = []
-    for hidden in ([32], [512, 512]):
-        for threads in (1, 2):
-            results.append(bench(data, teacher, hidden, threads, args.steps, args.repeats))
+    for threads in args.threads:
+        for hidden in ([32], [512, 512]):
+            results.append(bench(data, teacher, hidden, threads, args.steps, repeats[threads]))
             for row in rows(results[-1]):
                 print(" | ".join(row), flush=True)
             print(results[-1]["equiv"], flush=True)

@@ -1,0 +1,289 @@
+"""Benchmark: potstill vs TRL, token-level forward-KL distillation of SmolLM2-135M-Instruct.
+
+Both sides train the same student (``make_student(teacher, num_layers=1, init="teacher_layers")``,
+31.9 M of the teacher's 134.5 M parameters) on the same batches (packed pydoc text, every token a
+target, in potstill's ``LMBatches`` order; TRL reads them sequentially) with the same optimizer
+(torch AdamW, constant lr, no weight decay, grad-norm clipping at 1.0, float32, no gradient
+checkpointing) and the same objective, KL(teacher || student) per target token at T = 1.
+
+* ``trl``: ``trl.experimental.gkd.GKDTrainer`` with ``lmbda=0`` (never generates: off-policy,
+  fixed data) and ``beta=0`` (its generalised JSD is then ``F.kl_div(log q_student, log p_teacher,
+  log_target=True)``, i.e. forward KL). TRL 1.16's ``DistillationTrainer`` is on-policy only (the
+  student always generates its completions), so GKD is TRL's trainer for off-policy KD. Per step:
+  teacher forward (full [B, T, V] logits, no grad), student forward ([B, T, V] logits), dense
+  log-softmaxes and KL over [B, T-1, V], backward, clip, AdamW.
+* ``potstill``: ``potstill.engine.trainer.train`` with the ``lm_kd`` method (``forward_kl``) and an
+  ``LMTeacher`` run every step (teacher decoder forward to hidden states; the vocabulary loss is
+  computed chunk by chunk from hidden states and heads, never a [B, T, V] tensor).
+* ``potstill+precompute``: the same, with ``LMTeacher.precompute`` run once over the training set
+  (one epoch of the benchmark's steps) first; its time is reported separately and folded into an
+  amortised steps/s.
+
+Each configuration runs in its own subprocess, one after another. Timing: end-of-step timestamps
+(a Trainer callback for TRL, ``on_step`` for potstill) of steps ``warmup+1 .. warmup+steps``; one
+more step follows so end-of-training work (potstill's best-state copy, TRL's teardown) is outside
+the window. Peak memory: RSS sampled every 5 ms from after the models and data are loaded (the
+baseline) to the end of the timed window, minus the baseline: everything each side allocates to
+train (trainer setup, optimizer state, activations, logits, precomputed targets).
+
+Usage::
+
+    python benchmarks/vs_trl.py [--steps 20] [--warmup 3] [--seq-len 128] [--batch 4] [--write-docs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs" / "benchmarks.md"
+START, END = "<!-- vs_trl:start -->", "<!-- vs_trl:end -->"
+CONFIGS = ("trl", "potstill", "potstill+precompute")
+TEACHER = "smollm2-135m-instruct"
+
+
+class RSSPeak:
+    """Peak RSS (sampled from /proc/self/statm) above a baseline, until stop()."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval, self.baseline, self.peak = interval, self.rss(), 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self.rss())
+
+    def stop(self) -> float:
+        if not self._stop.is_set():
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self.rss())
+        return (self.peak - self.baseline) / 2**20
+
+
+class Clock:
+    """End-of-step timestamps (wall, process CPU); stops the memory sampler after the timed window."""
+
+    def __init__(self, memory: RSSPeak, last: int):
+        self.memory, self.last, self.wall, self.cpu, self.peak_mb = memory, last, [], [], None
+
+    def tick(self, step: int) -> None:
+        self.wall.append(time.perf_counter())
+        self.cpu.append(time.process_time())
+        if step == self.last:
+            self.peak_mb = self.memory.stop()
+
+
+def load(args):
+    from potstill.data.text import pack_documents, pydoc_documents
+    from potstill.models.hf import count_params, load_builtin, make_student
+    from potstill.tasks.lm import LMBatches
+
+    teacher, tokenizer = load_builtin(TEACHER)
+    student = make_student(teacher, num_layers=args.layers, init="teacher_layers", seed=0)
+    total = args.warmup + args.steps + 1
+    sequences = pack_documents(tokenizer, pydoc_documents(), args.seq_len)[: total * args.batch]
+    if len(sequences) < total * args.batch:
+        raise SystemExit(f"pydoc text gives only {len(sequences)} sequences of {args.seq_len} tokens")
+    data = {"input_ids": sequences, "attention_mask": torch.ones_like(sequences), "labels": sequences.clone()}
+    batches = LMBatches(data, args.batch, 1, seed=0)
+    info = {"teacher_params": count_params(teacher), "student_params": count_params(student)}
+    return teacher, tokenizer, student, data, batches, total, info
+
+
+def run_trl(args, teacher, tokenizer, student, data, batches, total, clock) -> dict:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    order = torch.cat([batches.order.step_indices(step) for step in range(total)])
+    dataset = Dataset.from_dict({k: v[order].tolist() for k, v in data.items()})
+    record = {"losses": [], "num_items": []}
+
+    class Recorded(GKDTrainer):  # records the loss TRL computes; changes nothing else
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            record["losses"].append(float(loss.detach()))
+            record["num_items"].append(int(num_items_in_batch) if num_items_in_batch is not None else None)
+            return loss
+
+    class Ticks(TrainerCallback):
+        def on_step_end(self, _args, state, control, **kwargs):
+            clock.tick(state.global_step)
+
+    config = GKDConfig(
+        output_dir=args.tmp, lmbda=0.0, beta=0.0, temperature=1.0, seq_kd=False, max_steps=total,
+        per_device_train_batch_size=args.batch, gradient_accumulation_steps=1, learning_rate=args.lr,
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
+        bf16=False, gradient_checkpointing=False, train_sampling_strategy="sequential", logging_steps=total,
+        save_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0, seed=0,
+        max_length=args.seq_len)
+    collate = lambda rows: {k: torch.tensor([row[k] for row in rows]) for k in data}  # noqa: E731
+    trainer = Recorded(model=student, teacher_model=teacher, args=config, data_collator=collate,
+                       train_dataset=dataset, processing_class=tokenizer, callbacks=[Ticks()])
+    trainer.train()
+    return record
+
+
+def run_potstill(args, teacher, tokenizer, student, data, batches, total, clock, precompute: bool) -> dict:
+    from potstill.config import TrainConfig
+    from potstill.engine.trainer import train
+    from potstill.methods.lm import LMDistill
+    from potstill.teachers.lm import LMTeacher
+
+    lm_teacher = LMTeacher(teacher, TEACHER)
+    precompute_s = 0.0
+    if precompute:
+        started = time.perf_counter()
+        lm_teacher.precompute(data["input_ids"], data["attention_mask"])
+        precompute_s = time.perf_counter() - started
+    method = LMDistill(student, lm_teacher, LMDistill.Config(divergence="forward_kl", temperature=1.0),
+                       num_classes=len(tokenizer), num_train=len(data["input_ids"]))
+    cfg = TrainConfig(steps=total, batch_size=args.batch, grad_accum=1, lr=args.lr, weight_decay=0.0,
+                      warmup_steps=0, min_lr_ratio=1.0, grad_clip=1.0, eval_every=total,
+                      checkpoint_every=total, log_every=total)
+    record = {"losses": [], "num_items": [batches.num_items(step) for step in range(total)],
+              "precompute_s": precompute_s}
+
+    def on_step(step, totals):
+        clock.tick(step)
+        record["losses"].append(totals["loss"])
+
+    train(method, batches=batches, evaluate=lambda: {"val": 0.0}, cfg=cfg, out_dir=Path(args.tmp),
+          selection="val", on_step=on_step)
+    return record
+
+
+def worker(args) -> None:
+    torch.manual_seed(0)
+    teacher, tokenizer, student, data, batches, total, info = load(args)
+    clock = Clock(RSSPeak(), last=args.warmup + args.steps)
+    with tempfile.TemporaryDirectory() as tmp:
+        args.tmp = tmp
+        if args.worker == "trl":
+            record = run_trl(args, teacher, tokenizer, student, data, batches, total, clock)
+        else:
+            record = run_potstill(args, teacher, tokenizer, student, data, batches, total, clock,
+                                  precompute=args.worker == "potstill+precompute")
+    w, c, first = clock.wall, clock.cpu, args.warmup - 1  # index of the end of the last warmup step
+    window = range(first + 1, first + 1 + args.steps)
+    record.update(info, config=args.worker, threads=torch.get_num_threads(), peak_mb=clock.peak_mb,
+                  steps_per_s=args.steps / (w[first + args.steps] - w[first]),
+                  median_step_s=statistics.median(w[i] - w[i - 1] for i in window),
+                  cpu_step_s=(c[first + args.steps] - c[first]) / args.steps, total_steps=total)
+    Path(args.out).write_text(json.dumps(record))
+
+
+def versions() -> str:
+    import transformers
+    import trl
+
+    return f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}"
+
+
+def table(results: dict[str, dict], args) -> str:
+    trl = results["trl"]
+    rows = ["| configuration | steps/s | median s/step | CPU s/step | one-off teacher pass | steps/s incl. one-off "
+            "(1 epoch) | peak RSS growth | speed vs TRL | memory vs TRL |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, r in results.items():
+        one_off = r.get("precompute_s", 0.0)
+        amortised = r["total_steps"] / (r["total_steps"] / r["steps_per_s"] + one_off)
+        rows.append(f"| {name} | {r['steps_per_s']:.2f} | {r['median_step_s']:.3f} | {r['cpu_step_s']:.3f} | "
+                    + (f"{one_off:.1f} s" if one_off else "-") + f" | {amortised:.2f} | {r['peak_mb']:.0f} MiB | "
+                    f"{r['steps_per_s'] / trl['steps_per_s']:.2f}x | {r['peak_mb'] / trl['peak_mb']:.2f}x |")
+    return "\n".join(rows)
+
+
+def loss_check(results: dict[str, dict]) -> str:
+    trl = results["trl"]["losses"]
+    lines = []
+    for name, r in results.items():
+        diffs = [abs(a - b) / abs(b) for a, b in zip(r["losses"], trl)]
+        lines.append(f"- {name}: first-step loss {r['losses'][0]:.6f} (num_items {r['num_items'][0]}); "
+                     f"max relative difference to TRL over all {len(diffs)} steps {max(diffs):.1e}")
+    return "\n".join(lines)
+
+
+def write_docs(text: str) -> None:
+    DOCS.parent.mkdir(parents=True, exist_ok=True)
+    current = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
+    block = f"{START}\n{text}\n{END}"
+    if START in current and END in current:
+        head, rest = current.split(START, 1)
+        current = head + block + rest.split(END, 1)[1]
+    else:
+        current = current.rstrip("\n") + "\n\n" + block + "\n"
+    DOCS.write_text(current)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before the timed ones")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=4, help="sequences per step")
+    parser.add_argument("--layers", type=int, default=1, help="student decoder layers")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--only", choices=CONFIGS, action="append", help="run only these configurations")
+    parser.add_argument("--write-docs", action="store_true", help=f"write the results into {DOCS.relative_to(ROOT)}")
+    parser.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+
+    results = {}
+    for name in args.only or CONFIGS:
+        with tempfile.NamedTemporaryFile(suffix=".json") as out:
+            command = [sys.executable, __file__, "--worker", name, "--out", out.name, "--steps", str(args.steps),
+                       "--warmup", str(args.warmup), "--seq-len", str(args.seq_len), "--batch", str(args.batch),
+                       "--layers", str(args.layers), "--lr", str(args.lr)]
+            print(f"running {name} ...", file=sys.stderr, flush=True)
+            subprocess.run(command, check=True, cwd=ROOT)
+            results[name] = json.loads(Path(out.name).read_text())
+    r = next(iter(results.values()))
+    load = os.getloadavg()
+    setup = (f"Teacher {TEACHER} ({r['teacher_params'] / 1e6:.1f} M params, float32); student {args.layers} layer(s), "
+             f"teacher-layer init ({r['student_params'] / 1e6:.1f} M params, "
+             f"{r['student_params'] / r['teacher_params']:.1%} of the teacher); batch {args.batch} x {args.seq_len} "
+             f"tokens of packed pydoc text; AdamW lr {args.lr} constant; {args.steps} timed steps after {args.warmup} "
+             f"warmup steps; forward KL at T = 1.")
+    command = "python benchmarks/vs_trl.py " + " ".join(sys.argv[1:])
+    text = "\n\n".join([
+        "## potstill vs TRL (LM distillation, forward KL)",
+        f"`{command.strip()}` on {_dt.date.today().isoformat()}; {platform.machine()} CPU, "
+        f"{os.cpu_count()} cores, {r['threads']} torch threads, shared machine (load average "
+        f"{load[0]:.1f} at the end of the run); {versions()}; Python {platform.python_version()}.",
+        setup, table(results, args) if "trl" in results else "", "First-step loss and agreement:\n\n" +
+        loss_check(results) if "trl" in results else ""])
+    print(text)
+    if args.write_docs and "trl" in results:
+        write_docs(text)
+
+
+if __name__ == "__main__":
+    main()
