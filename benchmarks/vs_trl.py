@@ -19,7 +19,8 @@ checkpointing) and the same objective, KL(teacher || student) per target token a
   (one epoch of the benchmark's steps) first; its time is reported separately and folded into an
   amortised steps/s.
 
-Each configuration runs in its own subprocess, one after another. Timing: end-of-step timestamps
+Each configuration runs in its own subprocess, one after another (``--repeats``: rounds in rotated
+order, medians reported). Timing: end-of-step timestamps
 (a Trainer callback for TRL, ``on_step`` for potstill) of steps ``warmup+1 .. warmup+steps``; one
 more step follows so end-of-training work (potstill's best-state copy, TRL's teardown) is outside
 the window. Peak memory: RSS sampled every 5 ms from after the models and data are loaded (the
@@ -28,7 +29,8 @@ train (trainer setup, optimizer state, activations, logits, precomputed targets)
 
 Usage::
 
-    python benchmarks/vs_trl.py [--steps 20] [--warmup 3] [--seq-len 128] [--batch 4] [--write-docs]
+    python benchmarks/vs_trl.py [--steps 20] [--warmup 3] [--seq-len 128] [--batch 4] [--repeats 1]
+                                [--chunk-size N] [--only CONFIG ...] [--write-docs]
 """
 
 from __future__ import annotations
@@ -42,7 +44,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -51,6 +52,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
+from potstill.eval.metrics import PeakMemory  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks.md"
 START, END = "<!-- vs_trl:start -->", "<!-- vs_trl:end -->"
@@ -58,50 +61,25 @@ CONFIGS = ("trl", "potstill", "potstill+precompute")
 TEACHER = "smollm2-135m-instruct"
 
 
-class RSSPeak:
-    """Peak RSS (sampled from /proc/self/statm) above a baseline, until stop()."""
-
-    def __init__(self, interval: float = 0.005):
-        self.interval, self.baseline, self.peak = interval, self.rss(), 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-
-    @staticmethod
-    def rss() -> int:
-        with open("/proc/self/statm") as handle:
-            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _watch(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, self.rss())
-
-    def stop(self) -> float:
-        if not self._stop.is_set():
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, self.rss())
-        return (self.peak - self.baseline) / 2**20
-
-
 class Clock:
-    """End-of-step timestamps (wall, process CPU); stops the memory sampler after the timed window."""
+    """End-of-step timestamps (wall, process CPU), and the peak RSS growth (sampled every 5 ms by
+    potstill's PeakMemory) from the clock's creation to the end of step ``last``."""
 
-    def __init__(self, memory: RSSPeak, last: int):
-        self.memory, self.last, self.wall, self.cpu, self.peak_mb = memory, last, [], [], None
+    def __init__(self, last: int):
+        self.memory, self.last, self.wall, self.cpu, self.peak_mb = PeakMemory(0.005).__enter__(), last, [], [], None
 
     def tick(self, step: int) -> None:
         self.wall.append(time.perf_counter())
         self.cpu.append(time.process_time())
         if step == self.last:
-            self.peak_mb = self.memory.stop()
+            self.memory.__exit__(None, None, None)
+            self.peak_mb = self.memory.peak_mb
 
 
 def load(args):
     from potstill.data.text import pack_documents, pydoc_documents
     from potstill.models.hf import count_params, load_builtin, make_student
     from potstill.tasks.lm import LMBatches
-
     teacher, tokenizer = load_builtin(TEACHER)
     student = make_student(teacher, num_layers=args.layers, init="teacher_layers", seed=0)
     total = args.warmup + args.steps + 1
@@ -118,7 +96,6 @@ def run_trl(args, teacher, tokenizer, student, data, batches, total, clock) -> d
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl.experimental.gkd import GKDConfig, GKDTrainer
-
     order = torch.cat([batches.order.step_indices(step) for step in range(total)])
     dataset = Dataset.from_dict({k: v[order].tolist() for k, v in data.items()})
     record = {"losses": [], "num_items": []}
@@ -153,15 +130,14 @@ def run_potstill(args, teacher, tokenizer, student, data, batches, total, clock,
     from potstill.engine.trainer import train
     from potstill.methods.lm import LMDistill
     from potstill.teachers.lm import LMTeacher
-
     lm_teacher = LMTeacher(teacher, TEACHER)
     precompute_s = 0.0
     if precompute:
         started = time.perf_counter()
         lm_teacher.precompute(data["input_ids"], data["attention_mask"])
         precompute_s = time.perf_counter() - started
-    method = LMDistill(student, lm_teacher, LMDistill.Config(divergence="forward_kl", temperature=1.0),
-                       num_classes=len(tokenizer), num_train=len(data["input_ids"]))
+    config = LMDistill.Config(divergence="forward_kl", temperature=1.0, chunk_size=args.chunk_size)
+    method = LMDistill(student, lm_teacher, config, num_classes=len(tokenizer), num_train=len(data["input_ids"]))
     cfg = TrainConfig(steps=total, batch_size=args.batch, grad_accum=1, lr=args.lr, weight_decay=0.0,
                       warmup_steps=0, min_lr_ratio=1.0, grad_clip=1.0, eval_every=total,
                       checkpoint_every=total, log_every=total)
@@ -178,9 +154,10 @@ def run_potstill(args, teacher, tokenizer, student, data, batches, total, clock,
 
 
 def worker(args) -> None:
+    load_start = os.getloadavg()[0]
     torch.manual_seed(0)
     teacher, tokenizer, student, data, batches, total, info = load(args)
-    clock = Clock(RSSPeak(), last=args.warmup + args.steps)
+    clock = Clock(last=args.warmup + args.steps)
     with tempfile.TemporaryDirectory() as tmp:
         args.tmp = tmp
         if args.worker == "trl":
@@ -188,49 +165,58 @@ def worker(args) -> None:
         else:
             record = run_potstill(args, teacher, tokenizer, student, data, batches, total, clock,
                                   precompute=args.worker == "potstill+precompute")
-    w, c, first = clock.wall, clock.cpu, args.warmup - 1  # index of the end of the last warmup step
-    window = range(first + 1, first + 1 + args.steps)
-    record.update(info, config=args.worker, threads=torch.get_num_threads(), peak_mb=clock.peak_mb,
-                  steps_per_s=args.steps / (w[first + args.steps] - w[first]),
-                  median_step_s=statistics.median(w[i] - w[i - 1] for i in window),
-                  cpu_step_s=(c[first + args.steps] - c[first]) / args.steps, total_steps=total)
+    w, c, a, b = clock.wall, clock.cpu, args.warmup - 1, args.warmup - 1 + args.steps  # ends of steps warmup, last
+    record.update(info, config=args.worker, batch=args.batch, load=[load_start, os.getloadavg()[0]],
+                  threads=torch.get_num_threads(), peak_mb=clock.peak_mb, steps_per_s=args.steps / (w[b] - w[a]),
+                  median_step_s=statistics.median(w[i] - w[i - 1] for i in range(a + 1, b + 1)),
+                  cpu_step_s=(c[b] - c[a]) / args.steps, total_steps=total)
     Path(args.out).write_text(json.dumps(record))
 
 
 def versions() -> str:
     import transformers
     import trl
-
     return f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}"
 
 
-def table(results: dict[str, dict], args) -> str:
-    trl = results["trl"]
-    rows = ["| configuration | steps/s | median s/step | CPU s/step | one-off teacher pass | steps/s incl. one-off "
-            "(1 epoch) | peak RSS growth | speed vs TRL | memory vs TRL |",
+def summary(runs: list[dict]) -> dict:
+    """Median over repeats of each timing/memory number; losses from the first run."""
+    keys = ("steps_per_s", "median_step_s", "cpu_step_s", "peak_mb", "precompute_s")
+    return {**runs[0], **{k: statistics.median(r.get(k, 0.0) for r in runs) for k in keys}}
+
+
+def table(results: dict[str, dict], epochs: int) -> str:
+    trl = results.get("trl")
+    rows = ["| configuration | steps/s | median s/step | CPU s/step | one-off teacher pass | steps/s incl. one-off, "
+            f"1 epoch / {epochs} epochs | peak RSS growth | speed vs TRL | memory vs TRL |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
-        one_off = r.get("precompute_s", 0.0)
-        amortised = r["total_steps"] / (r["total_steps"] / r["steps_per_s"] + one_off)
-        rows.append(f"| {name} | {r['steps_per_s']:.2f} | {r['median_step_s']:.3f} | {r['cpu_step_s']:.3f} | "
-                    + (f"{one_off:.1f} s" if one_off else "-") + f" | {amortised:.2f} | {r['peak_mb']:.0f} MiB | "
-                    f"{r['steps_per_s'] / trl['steps_per_s']:.2f}x | {r['peak_mb'] / trl['peak_mb']:.2f}x |")
+        one_off, n = r["precompute_s"], r["total_steps"]
+        amortised = [e * n / (e * n / r["steps_per_s"] + one_off) for e in (1, epochs)]
+        rows.append(f"| {name} | {r['steps_per_s']:.3f} | {r['median_step_s']:.2f} | {r['cpu_step_s']:.2f} | "
+                    + (f"{one_off:.0f} s ({n * r['batch']} seqs)" if one_off else "-")
+                    + f" | {amortised[0]:.3f} / {amortised[1]:.3f} | {r['peak_mb']:.0f} MiB | "
+                    + (f"{r['steps_per_s'] / trl['steps_per_s']:.2f}x | {r['peak_mb'] / trl['peak_mb']:.2f}x |"
+                       if trl else "- | - |"))
     return "\n".join(rows)
 
 
 def loss_check(results: dict[str, dict]) -> str:
-    trl = results["trl"]["losses"]
+    trl = results.get("trl", {}).get("losses")
     lines = []
     for name, r in results.items():
-        diffs = [abs(a - b) / abs(b) for a, b in zip(r["losses"], trl)]
-        lines.append(f"- {name}: first-step loss {r['losses'][0]:.6f} (num_items {r['num_items'][0]}); "
-                     f"max relative difference to TRL over all {len(diffs)} steps {max(diffs):.1e}")
+        line = f"- {name}: first-step loss {r['losses'][0]:.6f} (sum / num_items = {r['num_items'][0]} target tokens)"
+        if trl and name != "trl":
+            diffs = [abs(a - b) / abs(b) for a, b in zip(r["losses"], trl)]
+            line += (f"; relative difference to TRL {diffs[0]:.1e} at step 1, at most {max(diffs):.1e} over all "
+                     f"{len(diffs)} steps")
+        lines.append(line)
     return "\n".join(lines)
 
 
 def write_docs(text: str) -> None:
     DOCS.parent.mkdir(parents=True, exist_ok=True)
-    current = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
+    current = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"  # re-read right before writing
     block = f"{START}\n{text}\n{END}"
     if START in current and END in current:
         head, rest = current.split(START, 1)
@@ -248,6 +234,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="sequences per step")
     parser.add_argument("--layers", type=int, default=1, help="student decoder layers")
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--chunk-size", type=int, help="lm_kd's chunk_size (default: potstill's own)")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds over the configurations (order rotated)")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs for the amortised precompute column")
     parser.add_argument("--only", choices=CONFIGS, action="append", help="run only these configurations")
     parser.add_argument("--write-docs", action="store_true", help=f"write the results into {DOCS.relative_to(ROOT)}")
     parser.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
@@ -256,31 +245,38 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    results = {}
-    for name in args.only or CONFIGS:
-        with tempfile.NamedTemporaryFile(suffix=".json") as out:
-            command = [sys.executable, __file__, "--worker", name, "--out", out.name, "--steps", str(args.steps),
-                       "--warmup", str(args.warmup), "--seq-len", str(args.seq_len), "--batch", str(args.batch),
-                       "--layers", str(args.layers), "--lr", str(args.lr)]
-            print(f"running {name} ...", file=sys.stderr, flush=True)
-            subprocess.run(command, check=True, cwd=ROOT)
-            results[name] = json.loads(Path(out.name).read_text())
+    names = args.only or list(CONFIGS)
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    forwarded = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                 if k in ("steps", "warmup", "seq_len", "batch", "layers", "lr", "chunk_size") and v is not None]
+    for repeat in range(args.repeats):
+        for name in names[repeat % len(names):] + names[:repeat % len(names)]:
+            with tempfile.NamedTemporaryFile(suffix=".json") as out:
+                print(f"round {repeat + 1}/{args.repeats}: {name} ...", file=sys.stderr, flush=True)
+                subprocess.run([sys.executable, __file__, "--worker", name, "--out", out.name, *forwarded],
+                               check=True, cwd=ROOT)
+                runs[name].append(json.loads(Path(out.name).read_text()))
+    results = {name: summary(runs[name]) for name in names}
     r = next(iter(results.values()))
-    load = os.getloadavg()
+    loads = [x for rs in runs.values() for run in rs for x in run["load"]]
     setup = (f"Teacher {TEACHER} ({r['teacher_params'] / 1e6:.1f} M params, float32); student {args.layers} layer(s), "
              f"teacher-layer init ({r['student_params'] / 1e6:.1f} M params, "
              f"{r['student_params'] / r['teacher_params']:.1%} of the teacher); batch {args.batch} x {args.seq_len} "
-             f"tokens of packed pydoc text; AdamW lr {args.lr} constant; {args.steps} timed steps after {args.warmup} "
-             f"warmup steps; forward KL at T = 1.")
+             f"tokens of packed pydoc text; AdamW lr {args.lr} constant, clip 1.0; {args.steps} timed steps after "
+             f"{args.warmup} warmup steps (+1 untimed final step); forward KL at T = 1; lm_kd chunk_size "
+             f"{args.chunk_size or 'default'}. Each configuration in its own process, one at a time; "
+             f"{args.repeats} round(s), medians shown.")
     command = "python benchmarks/vs_trl.py " + " ".join(sys.argv[1:])
     text = "\n\n".join([
         "## potstill vs TRL (LM distillation, forward KL)",
-        f"`{command.strip()}` on {_dt.date.today().isoformat()}; {platform.machine()} CPU, "
-        f"{os.cpu_count()} cores, {r['threads']} torch threads, shared machine (load average "
-        f"{load[0]:.1f} at the end of the run); {versions()}; Python {platform.python_version()}.",
-        setup, table(results, args) if "trl" in results else "", "First-step loss and agreement:\n\n" +
-        loss_check(results) if "trl" in results else ""])
+        f"`{command.strip()}` on {_dt.date.today().isoformat()}; {platform.machine()} CPU "
+        f"({platform.processor() or 'unknown'}), {os.cpu_count()} cores, {r['threads']} torch threads; the machine "
+        f"was shared with other jobs (1-min load average {min(loads):.1f}-{max(loads):.1f} during the runs), so "
+        f"wall times are noisy; {versions()}; Python {platform.python_version()}.",
+        setup, table(results, args.epochs), "First-step loss (same batch, same student init) and agreement:\n\n"
+        + loss_check(results)])
     print(text)
+    print(json.dumps(runs), file=sys.stderr)
     if args.write_docs and "trl" in results:
         write_docs(text)
 

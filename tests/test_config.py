@@ -7,7 +7,7 @@ from potstill.errors import UserError
 def test_builtin_recipe_loads_with_defaults():
     recipe = load_recipe("digits")
     assert recipe.name == "digits" and recipe.seeds == 3
-    assert set(recipe.students) >= {"baseline", "kd", "dkd", "fitnet"}
+    assert set(recipe.students) >= {"baseline", "kd", "dkd", "rkd"}
 
 
 def test_unknown_key_names_the_closest():

@@ -486,3 +486,13 @@ def test_parity_with_trl_chunked_distillation_loss(beta):
         gout = torch.autograd.grad(out, (h, w))
         for a, b in zip(gref, gout):
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_enclosing_autocast_does_not_downcast():
+    c = make_case(dtype=torch.float32)
+    ref = linear_divergence(c["h"], c["w"], c["th"], c["tw"], divergence="jsd", beta=0.5, chunk_size=4)
+    gref = grads_of(ref, c, False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear_divergence(c["h"], c["w"], c["th"], c["tw"], divergence="jsd", beta=0.5, chunk_size=4)
+    assert out.dtype == torch.float32
+    assert_close_all(ref, out, gref, grads_of(out, c, False), 1e-6)

@@ -91,12 +91,12 @@ def test_encode_chat_fallback_without_template(tok):
     tok.chat_template = None
     assert not T.has_chat_template(tok)
     prompt, response = "Name a colour.", "Blue."
-    assert T.format_prompt(tok, prompt) == "User: Name a colour.\nAssistant: "
+    assert T.format_prompt(tok, prompt) == "User: Name a colour.\nAssistant:"
     enc = T.encode_chat(tok, prompt, response, max_length=48)
-    prompt_ids = tok("User: Name a colour.\nAssistant: ")["input_ids"]
+    prompt_ids = tok("User: Name a colour.\nAssistant:")["input_ids"]
     n_prompt, n_real = _check_masking(tok, enc, prompt_ids, 48)
     assert enc["input_ids"][n_real - 1] == tok.eos_token_id  # EOS ends the response, labelled
-    assert tok.decode(enc["input_ids"][n_prompt : n_real - 1]) == response
+    assert tok.decode(enc["input_ids"][n_prompt : n_real - 1]) == " " + response
 
 
 def test_encode_chat_truncation_and_unpadded(tok):

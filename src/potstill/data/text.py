@@ -14,7 +14,7 @@ Conventions used throughout:
   internally, position ``t`` of the logits predicts ``labels[t + 1]``); ``-100`` marks positions
   that carry no loss (prompt tokens and padding).
 * Chat formatting goes through :func:`format_prompt`, which uses the tokenizer's chat template when
-  it has one and otherwise a plain ``"User: ...\\nAssistant: "`` format (see its docstring). The
+  it has one and otherwise a plain ``"User: ...\\nAssistant:"`` format (see its docstring). The
   same function is used for generation and for training, so the two always agree.
 """
 
@@ -50,9 +50,11 @@ __all__ = [
 
 T = TypeVar("T")
 
-#: Format used when a tokenizer has no chat template. ``{prompt}`` is the user's message; the
-#: response follows directly after ``"Assistant: "`` and is terminated by the EOS token.
-FALLBACK_CHAT_FORMAT = "User: {prompt}\nAssistant: "
+#: Format used when a tokenizer has no chat template. ``{prompt}`` is the user's message. The
+#: prompt ends with ``"Assistant:"`` (no trailing space, so SentencePiece/BPE tokenizers do not
+#: end it on a lone space token); the response follows as ``" " + response`` and is terminated
+#: by the EOS token.
+FALLBACK_CHAT_FORMAT = "User: {prompt}\nAssistant:"
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,7 +234,7 @@ def format_prompt(tokenizer: Any, prompt: str) -> str:
 
     With a chat template: a single user turn followed by the generation prompt
     (``add_generation_prompt=True``). Without one: :data:`FALLBACK_CHAT_FORMAT`, i.e.
-    ``"User: <prompt>\\nAssistant: "``.
+    ``"User: <prompt>\\nAssistant:"``.
     """
     if has_chat_template(tokenizer):
         text = tokenizer.apply_chat_template(
@@ -277,8 +279,8 @@ def encode_chat(
       template text already contains any BOS the model expects, so no extra special tokens are
       added. The prompt part is tokenized separately from the rest, so the boundary is exact.
     * Without a chat template the text is ``"User: <prompt>\\nAssistant: <response>"`` followed by
-      the EOS token (labelled, so the student learns to stop); the tokenizer's own special tokens
-      (e.g. BOS) are added to the prompt part.
+      the EOS token (labelled, so the student learns to stop); the space after the colon belongs
+      to the response. The tokenizer's own special tokens (e.g. BOS) are added to the prompt part.
 
     The sequence is truncated on the right to ``max_length``; if the prompt alone fills it, all
     labels are ``-100`` (callers may drop such rows). With ``pad=True`` (default) the tensors are
@@ -306,7 +308,7 @@ def encode_chat(
         # EOS from the prompt part.
         if prompt_ids and tokenizer.eos_token_id is not None and prompt_ids[-1] == tokenizer.eos_token_id:
             prompt_ids = prompt_ids[:-1]
-        response_ids = _ids(tokenizer, response, add_special_tokens=False)
+        response_ids = _ids(tokenizer, " " + response.lstrip(), add_special_tokens=False)
         if tokenizer.eos_token_id is not None:
             response_ids = response_ids + [int(tokenizer.eos_token_id)]
 

@@ -205,7 +205,9 @@ class _LinearDivergenceFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_hidden: Tensor, student_head: Tensor, student_bias: Tensor | None,
                 cfg: _Config) -> Tensor:
-        total, grads = _run(student_hidden, student_head, student_bias, cfg)
+        # the engine picks its own precision: an enclosing autocast region must not downcast the GEMMs
+        with torch.autocast(device_type=student_hidden.device.type, enabled=False):
+            total, grads = _run(student_hidden, student_head, student_bias, cfg)
         ctx.grads = grads
         return total
 

@@ -19,9 +19,20 @@ Students
 :func:`make_student` builds a smaller model of the teacher's own class from a modified copy of
 its config; :func:`count_params` counts parameters (tied matrices once).
 
-Parameter counts (measured; float32; tied embeddings counted once)::
+Parameter counts (measured; tied embeddings counted once)::
 
-    SmolLM2-135M-Instruct  134.5 M  (embedding 49152 x 576 = 28.3 M of it, tied with the LM head)
+    SmolLM2-135M-Instruct  134.5 M  (embedding 49152 x 576  =  28.3 M of it, tied with the LM head)
+                                    30 layers, hidden 576, 9 heads (3 KV), MLP 1536
+      student, 12 layers, hidden 320, 5 heads (5 KV), MLP 864, random init:  30.6 M (22.8 %)
+      student,  6 layers, hidden 384, 6 heads (3 KV), MLP 1024, random init: 28.6 M (21.3 %)
+      student, 12 layers, hidden 256, 4 heads (2 KV), MLP 768, random init:  22.0 M (16.4 %)
+      student,  1 teacher layer (width 576, teacher_layers init):             31.9 M (23.7 %)
+    Gemma-3-270M           268.1 M  (embedding 262144 x 640 = 167.8 M of it, tied)
+                                    18 layers, hidden 640, 4 heads (1 KV), head_dim 256, MLP 2048
+      student, 6 teacher layers (teacher_layers init):                      201.2 M
+
+The embedding dominates small models: with width 576 a quarter of SmolLM2 (33.6 M) leaves room
+for one layer only, so a quarter-size student has to be narrower (random init).
 
 The hidden-state / head split
 -----------------------------
@@ -29,7 +40,7 @@ The hidden-state / head split
 the head's weight and bias, so losses can project to the vocabulary chunk by chunk instead of
 materialising ``[B, T, V]`` logits. ``logits == hidden @ weight.T (+ bias)``, followed by the
 final logit soft-capping ``cap * tanh(logits / cap)`` for models whose config sets
-``final_logit_softcapping`` (Gemma 2; Gemma 3 configs may set it too). Use
+``final_logit_softcapping`` (Gemma 2; the Gemma-3-270M GGUF sets none, so its split is exact). Use
 :func:`final_logit_softcap` and :func:`logits_from_hidden` to reproduce the exact logits.
 """
 
@@ -627,8 +638,8 @@ def generate_greedy(
 
     Batches are left-padded; decoding stops at any :func:`stop_token_ids` token or after
     ``max_new_tokens``. Special tokens are removed and whitespace stripped from the results.
-    For a tokenizer without a chat template (plain ``"User: ...\nAssistant: "`` format) the
-    response is cut where the model starts a new ``"\nUser:"`` line.
+    For a tokenizer without a chat template (plain ``"User: ...\\nAssistant:"`` format) the
+    response is cut where the model starts a new ``"\\nUser:"`` line.
     The model's own generation defaults (sampling, temperature) are ignored.
     """
     from transformers import GenerationConfig
