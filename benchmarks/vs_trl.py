@@ -20,17 +20,20 @@ checkpointing) and the same objective, KL(teacher || student) per target token a
   amortised steps/s.
 
 Each configuration runs in its own subprocess, one after another (``--repeats``: rounds in rotated
-order, medians reported). Timing: end-of-step timestamps
-(a Trainer callback for TRL, ``on_step`` for potstill) of steps ``warmup+1 .. warmup+steps``; one
-more step follows so end-of-training work (potstill's best-state copy, TRL's teardown) is outside
-the window. Peak memory: RSS sampled every 5 ms from after the models and data are loaded (the
-baseline) to the end of the timed window, minus the baseline: everything each side allocates to
-train (trainer setup, optimizer state, activations, logits, precomputed targets).
+order, medians reported). Timing: end-of-step timestamps (a Trainer callback for TRL, ``on_step``
+for potstill) of steps ``warmup+1 .. warmup+steps``; one more step follows so end-of-training work
+(potstill's best-state copy, TRL's teardown) is outside the window. Peak memory: RSS sampled every
+5 ms from the baseline (models and data loaded, memory-mapped weights paged in) to the end of the
+timed window, minus the baseline: all each side allocates to train (trainer setup, gradients,
+optimizer state, activations, logits, precomputed targets).
 
 Usage::
 
     python benchmarks/vs_trl.py [--steps 20] [--warmup 3] [--seq-len 128] [--batch 4] [--repeats 1]
-                                [--chunk-size N] [--only CONFIG ...] [--write-docs]
+                                [--chunk-size N] [--only NAME ...] [--write-docs]
+
+``--chunk-size N`` adds the rows ``potstill chunk=N`` and ``potstill+precompute chunk=N`` (lm_kd's
+``chunk_size``; by default potstill picks 680 rows at V = 49,152, i.e. one chunk for B x T <= 680).
 """
 
 from __future__ import annotations
@@ -87,6 +90,8 @@ def load(args):
     if len(sequences) < total * args.batch:
         raise SystemExit(f"pydoc text gives only {len(sequences)} sequences of {args.seq_len} tokens")
     data = {"input_ids": sequences, "attention_mask": torch.ones_like(sequences), "labels": sequences.clone()}
+    with torch.no_grad():  # the weights are memory-mapped: page them in before the RSS baseline
+        sum(float(p.sum()) for p in [*teacher.parameters(), *student.parameters()])
     batches = LMBatches(data, args.batch, 1, seed=0)
     info = {"teacher_params": count_params(teacher), "student_params": count_params(student)}
     return teacher, tokenizer, student, data, batches, total, info
@@ -136,7 +141,8 @@ def run_potstill(args, teacher, tokenizer, student, data, batches, total, clock,
         started = time.perf_counter()
         lm_teacher.precompute(data["input_ids"], data["attention_mask"])
         precompute_s = time.perf_counter() - started
-    config = LMDistill.Config(divergence="forward_kl", temperature=1.0, chunk_size=args.chunk_size)
+    chunk = int(args.worker.split("chunk=")[1]) if "chunk=" in args.worker else None
+    config = LMDistill.Config(divergence="forward_kl", temperature=1.0, chunk_size=chunk)
     method = LMDistill(student, lm_teacher, config, num_classes=len(tokenizer), num_train=len(data["input_ids"]))
     cfg = TrainConfig(steps=total, batch_size=args.batch, grad_accum=1, lr=args.lr, weight_decay=0.0,
                       warmup_steps=0, min_lr_ratio=1.0, grad_clip=1.0, eval_every=total,
@@ -164,7 +170,7 @@ def worker(args) -> None:
             record = run_trl(args, teacher, tokenizer, student, data, batches, total, clock)
         else:
             record = run_potstill(args, teacher, tokenizer, student, data, batches, total, clock,
-                                  precompute=args.worker == "potstill+precompute")
+                                  precompute=args.worker.startswith("potstill+precompute"))
     w, c, a, b = clock.wall, clock.cpu, args.warmup - 1, args.warmup - 1 + args.steps  # ends of steps warmup, last
     record.update(info, config=args.worker, batch=args.batch, load=[load_start, os.getloadavg()[0]],
                   threads=torch.get_num_threads(), peak_mb=clock.peak_mb, steps_per_s=args.steps / (w[b] - w[a]),
@@ -234,21 +240,26 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="sequences per step")
     parser.add_argument("--layers", type=int, default=1, help="student decoder layers")
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--chunk-size", type=int, help="lm_kd's chunk_size (default: potstill's own)")
+    parser.add_argument("--chunk-size", type=int, help="also run the potstill rows with this lm_kd chunk_size")
     parser.add_argument("--repeats", type=int, default=1, help="rounds over the configurations (order rotated)")
     parser.add_argument("--epochs", type=int, default=3, help="epochs for the amortised precompute column")
-    parser.add_argument("--only", choices=CONFIGS, action="append", help="run only these configurations")
+    parser.add_argument("--only", action="append", help="run only these configurations (names as in the table)")
     parser.add_argument("--write-docs", action="store_true", help=f"write the results into {DOCS.relative_to(ROOT)}")
-    parser.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
 
-    names = args.only or list(CONFIGS)
+    names = list(CONFIGS) + ([f"{n} chunk={args.chunk_size}" for n in CONFIGS[1:]] if args.chunk_size else [])
+    if args.only:
+        unknown = set(args.only) - set(names)
+        if unknown:
+            parser.error(f"unknown configuration(s) {sorted(unknown)}; choose from {names}")
+        names = [n for n in names if n in args.only]
     runs: dict[str, list[dict]] = {name: [] for name in names}
     forwarded = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                 if k in ("steps", "warmup", "seq_len", "batch", "layers", "lr", "chunk_size") and v is not None]
+                 if k in ("steps", "warmup", "seq_len", "batch", "layers", "lr") and v is not None]
     for repeat in range(args.repeats):
         for name in names[repeat % len(names):] + names[:repeat % len(names)]:
             with tempfile.NamedTemporaryFile(suffix=".json") as out:
@@ -263,8 +274,8 @@ def main() -> None:
              f"teacher-layer init ({r['student_params'] / 1e6:.1f} M params, "
              f"{r['student_params'] / r['teacher_params']:.1%} of the teacher); batch {args.batch} x {args.seq_len} "
              f"tokens of packed pydoc text; AdamW lr {args.lr} constant, clip 1.0; {args.steps} timed steps after "
-             f"{args.warmup} warmup steps (+1 untimed final step); forward KL at T = 1; lm_kd chunk_size "
-             f"{args.chunk_size or 'default'}. Each configuration in its own process, one at a time; "
+             f"{args.warmup} warmup steps (+1 untimed final step); forward KL at T = 1; lm_kd's default "
+             f"chunk_size unless the row says otherwise. Each configuration in its own process, one at a time; "
              f"{args.repeats} round(s), medians shown.")
     command = "python benchmarks/vs_trl.py " + " ".join(sys.argv[1:])
     text = "\n\n".join([

@@ -82,7 +82,7 @@ def run_recipe(recipe: BaseModel, run_dir: Path, *, resume: bool = False, consol
 
     columns = [TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn()]
-    with Progress(*columns, console=console, transient=False) as progress:
+    with Progress(*columns, console=console, transient=False, refresh_per_second=4) as progress:
         def on_step_factory(label: str, total: int):
             bar = progress.add_task(label, total=total, loss=float("nan"))
 

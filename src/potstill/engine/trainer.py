@@ -10,8 +10,10 @@ Checkpoint selection uses the validation metric the caller's ``evaluate`` return
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
+import operator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
@@ -125,8 +127,11 @@ def train(method: Method, *, batches: Batches, evaluate: Callable[[], dict[str, 
             losses = method(batch)
             # Entries without grad are parts of a fused loss, logged only. A batch carrying
             # num_items is already normalised over the whole step; others are micro-batch means.
-            loss = sum(v for v in losses.values() if v.requires_grad)
-            (loss if "num_items" in batch else loss / cfg.grad_accum).backward()
+            trained = [v for v in losses.values() if v.requires_grad]
+            if not trained:
+                raise RuntimeError(f"{method.name} returned no loss that requires grad: {list(losses)}")
+            loss = functools.reduce(operator.add, trained)
+            (loss if "num_items" in batch or cfg.grad_accum == 1 else loss / cfg.grad_accum).backward()
             share = 1.0 if "num_items" in batch else 1.0 / cfg.grad_accum
             totals["loss"] = totals.get("loss", 0.0) + loss.item() * share
             for name, value in losses.items():

@@ -13,7 +13,7 @@ from potstill.config import Strict
 from potstill.errors import UserError
 from potstill.losses.classic import kd
 from potstill.losses.features import attention_transfer
-from potstill.methods.base import labelled_cross_entropy
+from potstill.methods.base import labelled_cross_entropy, weighted
 from potstill.methods.feature_base import FeatureMethod
 
 
@@ -39,8 +39,8 @@ class AttentionTransfer(FeatureMethod):
         cfg = self.config
         logits, feature, teacher_logits, teacher_feature = self.student_and_teacher(batch)
         losses = {
-            "ce": cfg.ce_weight * labelled_cross_entropy(logits, batch),
-            "at": cfg.at_weight * attention_transfer(feature, teacher_feature, p=cfg.p),
+            "ce": weighted(cfg.ce_weight, labelled_cross_entropy(logits, batch)),
+            "at": weighted(cfg.at_weight, attention_transfer(feature, teacher_feature, p=cfg.p)),
         }
         if cfg.kd_weight:
             losses["kd"] = cfg.kd_weight * kd(logits, teacher_logits, temperature=cfg.temperature)

@@ -13,7 +13,7 @@ from torch import Tensor
 from potstill.config import Strict
 from potstill.losses.classic import kd
 from potstill.losses.features import CRDLoss
-from potstill.methods.base import labelled_cross_entropy
+from potstill.methods.base import labelled_cross_entropy, weighted
 from potstill.methods.feature_base import FeatureMethod, flat
 
 
@@ -46,9 +46,9 @@ class CRD(FeatureMethod):
         cfg = self.config
         logits, feature, teacher_logits, teacher_feature = self.student_and_teacher(batch)
         losses = {
-            "ce": cfg.ce_weight * labelled_cross_entropy(logits, batch),
-            "crd": cfg.crd_weight * self.crd(flat(feature), flat(teacher_feature), index=batch["index"],
-                                             generator=batch.get("generator")),
+            "ce": weighted(cfg.ce_weight, labelled_cross_entropy(logits, batch)),
+            "crd": weighted(cfg.crd_weight, self.crd(flat(feature), flat(teacher_feature), index=batch["index"],
+                                             generator=batch.get("generator"))),
         }
         if cfg.kd_weight:
             losses["kd"] = cfg.kd_weight * kd(logits, teacher_logits, temperature=cfg.temperature)

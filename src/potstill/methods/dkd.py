@@ -12,7 +12,7 @@ from torch import Tensor
 
 from potstill.config import Strict
 from potstill.losses.classic import dkd_parts
-from potstill.methods.base import Method, labelled_cross_entropy
+from potstill.methods.base import Method, labelled_cross_entropy, weighted
 
 
 class DKD(Method):
@@ -36,7 +36,7 @@ class DKD(Method):
                                standardize=cfg.standardize)
         ramp = min(self.progress / cfg.warmup, 1.0) if cfg.warmup > 0 else 1.0
         return {
-            "ce": cfg.ce_weight * labelled_cross_entropy(logits, batch),
+            "ce": weighted(cfg.ce_weight, labelled_cross_entropy(logits, batch)),
             "tckd": ramp * cfg.alpha * tckd,
             "nckd": ramp * cfg.beta * nckd,
         }

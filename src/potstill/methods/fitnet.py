@@ -13,7 +13,7 @@ from torch import Tensor
 from potstill.config import Strict
 from potstill.losses.classic import kd
 from potstill.losses.features import hint_loss
-from potstill.methods.base import labelled_cross_entropy
+from potstill.methods.base import labelled_cross_entropy, weighted
 from potstill.methods.feature_base import FeatureMethod
 
 
@@ -32,8 +32,8 @@ class FitNet(FeatureMethod):
         cfg = self.config
         logits, feature, teacher_logits, teacher_feature = self.student_and_teacher(batch)
         losses = {
-            "ce": cfg.ce_weight * labelled_cross_entropy(logits, batch),
-            "hint": cfg.hint_weight * hint_loss(self.connector(feature), teacher_feature),
+            "ce": weighted(cfg.ce_weight, labelled_cross_entropy(logits, batch)),
+            "hint": weighted(cfg.hint_weight, hint_loss(self.connector(feature), teacher_feature)),
         }
         if cfg.kd_weight:
             losses["kd"] = cfg.kd_weight * kd(logits, teacher_logits, temperature=cfg.temperature)

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from potstill.config import Strict
 from potstill.losses.classic import kd
-from potstill.methods.base import Method, labelled_cross_entropy
+from potstill.methods.base import Method, labelled_cross_entropy, weighted
 
 
 class KD(Method):
@@ -28,6 +28,7 @@ class KD(Method):
         teacher_logits = self.teacher.targets(batch).logits
         cfg = self.config
         return {
-            "ce": cfg.ce_weight * labelled_cross_entropy(logits, batch),
-            "kd": cfg.kd_weight * kd(logits, teacher_logits, temperature=cfg.temperature, standardize=cfg.standardize),
+            "ce": weighted(cfg.ce_weight, labelled_cross_entropy(logits, batch)),
+            "kd": weighted(cfg.kd_weight, kd(logits, teacher_logits, temperature=cfg.temperature,
+                                             standardize=cfg.standardize)),
         }

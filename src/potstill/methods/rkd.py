@@ -12,7 +12,7 @@ from torch import Tensor
 from potstill.config import Strict
 from potstill.losses.classic import kd
 from potstill.losses.features import rkd_angle, rkd_distance
-from potstill.methods.base import labelled_cross_entropy
+from potstill.methods.base import labelled_cross_entropy, weighted
 from potstill.methods.feature_base import FeatureMethod, flat
 
 
@@ -34,9 +34,9 @@ class RKD(FeatureMethod):
         logits, feature, teacher_logits, teacher_feature = self.student_and_teacher(batch)
         student, teacher = flat(feature), flat(teacher_feature)
         losses = {
-            "ce": cfg.ce_weight * labelled_cross_entropy(logits, batch),
-            "rkd_distance": cfg.distance_weight * rkd_distance(student, teacher),
-            "rkd_angle": cfg.angle_weight * rkd_angle(student, teacher),
+            "ce": weighted(cfg.ce_weight, labelled_cross_entropy(logits, batch)),
+            "rkd_distance": weighted(cfg.distance_weight, rkd_distance(student, teacher)),
+            "rkd_angle": weighted(cfg.angle_weight, rkd_angle(student, teacher)),
         }
         if cfg.kd_weight:
             losses["kd"] = cfg.kd_weight * kd(logits, teacher_logits, temperature=cfg.temperature)

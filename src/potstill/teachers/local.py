@@ -26,7 +26,8 @@ class LocalTeacher:
 
     @torch.no_grad()
     def targets(self, batch: dict[str, Tensor]) -> TeacherOutput:
-        self.model.eval()
+        if self.model.training:
+            self.model.eval()
         logits = self.model(batch[self.input_key])
         features = self._taps.pop() if self._taps else {}
         return TeacherOutput(logits=logits, features=features)
