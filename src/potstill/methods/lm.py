@@ -3,7 +3,8 @@
 ``lm_kd``: kd_weight * D(teacher || student) over response/text tokens + ce_weight * CE, for any
 divergence of potstill.losses (forward KL as in classic sequence KD, reverse KL as in MiniLLM,
 generalized JSD as in GKD, skew KL as in DistiLLM, TVD). ``lm_ce``: the CE-only baseline.
-Both go through ``linear_divergence``, so no [tokens x vocab] tensor is ever built, and both
+Both go through the chunked engine (``linear_divergence`` / ``linear_cross_entropy``), so no
+[tokens x vocab] tensor is ever built, and both
 normalise by the target tokens of the whole optimizer step (``batch["num_items"]``), so
 gradient accumulation does not change the objective.
 """
@@ -17,6 +18,7 @@ from torch import Tensor
 
 from potstill.config import Strict
 from potstill.losses.linear import linear_divergence_parts
+from potstill.losses.linear_ce import linear_cross_entropy
 from potstill.methods.base import Method
 from potstill.models.hf import lm_hidden_and_head
 
@@ -69,7 +71,5 @@ class LMCrossEntropy(Method):
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         hidden, head, bias = lm_hidden_and_head(self.student, batch["input_ids"], batch["attention_mask"])
         rows, labels = shifted(batch, hidden)
-        parts = linear_divergence_parts(rows, head, None, None, student_bias=bias, ce_weight=1.0, labels=labels,
-                                        num_items=batch["num_items"], chunk_size=self.config.chunk_size,
-                                        ce_only=True)
-        return {"ce": parts["loss"]}
+        return {"ce": linear_cross_entropy(rows, head, labels, bias=bias, num_items=batch["num_items"],
+                                           chunk_size=self.config.chunk_size)}

@@ -1,0 +1,45 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from potstill.losses.linear_ce import linear_cross_entropy
+
+
+@pytest.mark.parametrize("chunk", [1, 3, None])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_matches_dense_cross_entropy_in_float64(chunk, with_bias):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(11, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(17, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(17, dtype=torch.float64, generator=g, requires_grad=True) if with_bias else None
+    y = torch.randint(0, 17, (11,), generator=g)
+    y[[2, 5]] = -100
+    ours = linear_cross_entropy(h, w, y, bias=b, chunk_size=chunk)
+    grads = torch.autograd.grad(ours, [h, w] + ([b] if with_bias else []))
+    dense = F.cross_entropy(F.linear(h, w, b), y, ignore_index=-100)
+    expected = torch.autograd.grad(dense, [h, w] + ([b] if with_bias else []))
+    torch.testing.assert_close(ours, dense, rtol=1e-12, atol=1e-12)
+    for a, e in zip(grads, expected):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+
+def test_gradcheck():
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(5, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(7, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    y = torch.tensor([0, 6, -100, 3, 2])
+    assert torch.autograd.gradcheck(lambda a, b: linear_cross_entropy(a, b, y, chunk_size=2), (h, w))
+
+
+def test_num_items_makes_micro_batches_add_up():
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(8, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(9, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    y = torch.randint(0, 9, (8,), generator=g)
+    y[[0, 1, 7]] = -100
+    full = torch.autograd.grad(linear_cross_entropy(h, w, y), [h, w])
+    n = int((y != -100).sum())
+    parts = sum(linear_cross_entropy(h[i:i + 2], w, y[i:i + 2], num_items=n) for i in range(0, 8, 2))
+    split = torch.autograd.grad(parts, [h, w])
+    for a, e in zip(split, full):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
