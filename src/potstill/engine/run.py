@@ -152,7 +152,9 @@ def write_report(run_dir: Path, report: dict) -> None:
 
 def summary_table(report: dict) -> Table:
     primary = report["primary_metric"]
-    names = [primary] + [m for m in ("agreement", "kl_to_teacher", "ece", "params") if m != primary]
+    present = {m for entry in report["students"].values() for m in entry["metrics"]}
+    names = [primary] + [m for m in ("agreement", "kl_to_teacher", "ece", "params", "tokens_per_s")
+                         if m != primary and m in present]
     table = Table(title=f"{report['recipe']}: test metrics, mean ± std over seeds {report['protocol']['seeds']}")
     table.add_column("model")
     for name in names:

@@ -150,7 +150,8 @@ class ClassificationTask:
     def protocol(self) -> dict:
         r = self.recipe
         notes = [
-            f"teacher and students see the same augmented view (augment={r.data.augment}, max_shift={r.data.max_shift})",
+            f"teacher and students see the same augmented view (random shifts up to {r.data.max_shift} px)"
+            if r.data.augment == "shift" else "no augmentation",
             f"students may use labels of {r.data.label_fraction:.0%} of the {len(self.data.train)} training examples; "
             "the teacher's targets cover all of them" if r.data.label_fraction < 1 else
             f"all {len(self.data.train)} training labels are used by every student",
