@@ -496,3 +496,16 @@ def test_enclosing_autocast_does_not_downcast():
         out = linear_divergence(c["h"], c["w"], c["th"], c["tw"], divergence="jsd", beta=0.5, chunk_size=4)
     assert out.dtype == torch.float32
     assert_close_all(ref, out, gref, grads_of(out, c, False), 1e-6)
+
+
+@pytest.mark.parametrize("name,kw", [("forward_kl", {}), ("reverse_kl", {}), ("jsd", {"beta": 0.3}), ("tvd", {})])
+def test_row_major_layout_matches_too(name, kw, monkeypatch):
+    """The chunk buffers are vocabulary-major by default; the row-major layout must agree."""
+    c = make_case()
+    args = dict(T=1.7, mask=c["mask"], bias=True, ce_weight=0.4, labels=c["labels"], chunk_size=5)
+    ref = dense_loss(c, name, kw, **{k: v for k, v in args.items() if k != "chunk_size"})
+    gref = grads_of(ref, c, True)
+    monkeypatch.setattr(linear_mod, "_VOCAB_MAJOR", False)
+    for teacher_mode in ("hidden", "logits"):
+        out = linear_loss(c, name, kw, teacher_mode=teacher_mode, **args)
+        assert_close_all(ref, out, gref, grads_of(out, c, True), 1e-10)

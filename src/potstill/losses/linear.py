@@ -105,9 +105,12 @@ def default_chunk_size(vocab_size: int, n_rows: int | None = None, itemsize: int
 # ---------------------------------------------------------------------------------------------
 
 
-def _rowdot(a: Tensor, b: Tensor) -> Tensor:
-    """sum_v a[i, v] b[i, v], without a temporary [n, V] product."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(a.shape[0])
+def _dot_(a: Tensor, b: Tensor) -> Tensor:
+    """sum_v a[i, v] b[i, v]; ``b`` may be overwritten (it is, for the vocab-major layout, where a
+    batched GEMV on strided operands is very slow on CPU)."""
+    if a.is_contiguous() and b.is_contiguous():
+        return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(a.shape[0])
+    return b.mul_(a).sum(dim=-1)
 
 
 def _log_softmax_(z: Tensor, prob: Tensor) -> None:
@@ -123,19 +126,19 @@ def _log_softmax_(z: Tensor, prob: Tensor) -> None:
 
 
 def _fkl_kernel(log_q, log_p, q, p, spare, want_grad):
-    d = log_p.sub_(log_q)  # log p - log q
-    value = _rowdot(p, d)
+    value = _dot_(p, log_p.sub_(log_q))  # sum p (log p - log q)
     if not want_grad:
         return value, None
-    return value, torch.sub(q, p, out=d)  # q - p
+    return value, torch.sub(q, p, out=log_p)  # q - p
 
 
 def _rkl_kernel(log_q, log_p, q, p, spare, want_grad):
     d = torch.sub(log_q, log_p, out=log_p)  # log q - log p
-    value = _rowdot(q, d)
     if not want_grad:
-        return value, None
-    return value, d.sub_(value.unsqueeze(1)).mul_(q)  # q (d - L)
+        return _dot_(q, d), None
+    qd = d.mul_(q)
+    value = qd.sum(dim=-1)  # L = sum q d
+    return value, qd.addcmul_(q, -value.unsqueeze(1))  # q (d - L)
 
 
 def _jsd_kernel(log_q, log_p, q, p, spare, want_grad, beta: float = 0.5):
@@ -148,14 +151,14 @@ def _jsd_kernel(log_q, log_p, q, p, spare, want_grad, beta: float = 0.5):
     log_p.add_(log_b)
     log_q.add_(log_1b)
     log_m = torch.logaddexp(log_p, log_q, out=spare[0])
-    kl_pm = _rowdot(p, log_p.sub_(log_m)) - log_b  # sum p (log p - log m)
-    d_qm = log_q.sub_(log_m)  # log q - log m + log(1 - beta)
-    kl_qm = _rowdot(q, d_qm) - log_1b
+    kl_pm = _dot_(p, log_p.sub_(log_m)) - log_b  # sum p (log p - log m)
+    q_dqm = log_q.sub_(log_m).mul_(q)  # q (log q - log m + log(1 - beta))
+    kl_qm = q_dqm.sum(dim=-1) - log_1b
     value = beta * kl_pm + (1.0 - beta) * kl_qm
     if not want_grad:
         return value, None
-    g = d_qm.sub_((kl_qm + log_1b).unsqueeze(1)).mul_(q).mul_(1.0 - beta)  # (1-b) q (log q - log m - KL(q||m))
-    return value, g
+    # (1 - beta) q (log q - log m - KL(q || m))
+    return value, q_dqm.addcmul_(q, -(kl_qm + log_1b).unsqueeze(1)).mul_(1.0 - beta)
 
 
 @dataclass(frozen=True)
@@ -227,6 +230,18 @@ class _LinearDivergenceFn(torch.autograd.Function):
         return out[0], out[1], out[2], None
 
 
+_VOCAB_MAJOR = True
+"""Chunk buffers are stored vocabulary-major ([V, n] in memory, used through [n, V] views)."""
+
+
+def _chunk_view(flat: Tensor, n: int, vocab: int) -> Tensor:
+    """An [n, V] view of the first n * V elements of ``flat``: the transpose of a contiguous
+    [V, n] block when vocabulary-major, else a contiguous [n, V] block."""
+    if _VOCAB_MAJOR:
+        return flat[: n * vocab].view(vocab, n).t()
+    return flat[: n * vocab].view(n, vocab)
+
+
 def _run(h: Tensor, w: Tensor, b: Tensor | None, cfg: _Config):
     n_rows, vocab = h.shape[0], w.shape[0]
     cd = _compute_dtype(h)
@@ -266,30 +281,36 @@ def _run(h: Tensor, w: Tensor, b: Tensor | None, cfg: _Config):
     ce_needs_extra = use_ce and T != 1.0
 
     chunk = max(1, min(cfg.chunk_size, max(n_active, 1)))
-    if n_active:
-        buf_s = torch.empty(chunk, vocab, dtype=cd, device=dev)
-        buf_t = torch.empty(chunk, vocab, dtype=cd, device=dev)
-        n_spare = (2 + closed.n_spare + (1 if ce_needs_extra else 0)) if closed is not None else 0
-        spares = [torch.empty(chunk, vocab, dtype=cd, device=dev) for _ in range(n_spare)]
+    n_bufs = 2 + ((2 + closed.n_spare + (1 if ce_needs_extra else 0)) if closed is not None else 0)
+    # flat storage, viewed per chunk as [n, V] (see _chunk_view for the layout)
+    flats = [torch.empty(chunk * vocab, dtype=cd, device=dev) for _ in range(n_bufs)] if n_active else []
 
     inv_kd = 1.0 / cfg.kd_denom
     inv_ce = cfg.ce_weight / cfg.ce_denom
 
+    def gemm_into(out: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+        # out: [n, V] view from _chunk_view. Vocab-major: compute W @ x.T into the contiguous [V, n]
+        # storage (on CPU this GEMM shape runs ~1.4x faster than x @ W.T for chunks of 64-256 rows).
+        if _VOCAB_MAJOR:
+            out = out.t()
+            if bias is None:
+                torch.mm(weight, x.t(), out=out)
+            else:
+                torch.addmm(bias.unsqueeze(1), weight, x.t(), out=out)
+        elif bias is None:
+            torch.mm(x, weight.t(), out=out)
+        else:
+            torch.addmm(bias, x, weight.t(), out=out)
+
     def logits_into(s_out: Tensor, t_out: Tensor, start: int, stop: int, rows: Tensor | None):
         hs = hc[start:stop] if rows is None else hc.index_select(0, rows)
-        if bc is None:
-            torch.mm(hs, wc.t(), out=s_out)
-        else:
-            torch.addmm(bc, hs, wc.t(), out=s_out)
+        gemm_into(s_out, hs, wc, bc)
         if teacher_from_logits:
             src = cfg.teacher_logits[start:stop] if rows is None else cfg.teacher_logits.index_select(0, rows)
             t_out.copy_(src)
         else:
             ths = th[start:stop] if rows is None else th.index_select(0, rows)
-            if tb is None:
-                torch.mm(ths, tw.t(), out=t_out)
-            else:
-                torch.addmm(tb, ths, tw.t(), out=t_out)
+            gemm_into(t_out, ths, tw, tb)
         return hs
 
     for start in range(0, n_active, chunk):
@@ -297,7 +318,8 @@ def _run(h: Tensor, w: Tensor, b: Tensor | None, cfg: _Config):
         n = stop - start
         rows = None if all_active else idx[start:stop]
         s_lo = start if all_active else None
-        zs, zt = buf_s[:n], buf_t[:n]
+        views = [_chunk_view(f, n, vocab) for f in flats]
+        zs, zt, spares = views[0], views[1], views[2:]
         hs = logits_into(zs, zt, start, stop, rows)
 
         sel = (lambda x: x[start:stop]) if all_active else (lambda x: x.index_select(0, rows))
@@ -310,7 +332,7 @@ def _run(h: Tensor, w: Tensor, b: Tensor | None, cfg: _Config):
 
         result = None
         if closed is not None:
-            result = _closed_chunk(zs, zt, [sp[:n] for sp in spares], closed, cfg.kwargs, T, want_grad,
+            result = _closed_chunk(zs, zt, spares, closed, cfg.kwargs, T, want_grad,
                                    kd_coef, lab if use_ce else None, ce_coef if use_ce else None)
             if result is not None:
                 kd_vals, ce_vals, g = result
