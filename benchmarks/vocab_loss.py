@@ -307,6 +307,8 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     trl_version = next((r["trl_version"] for r in results if "trl_version" in r), "not installed")
+    loads = [x for r in results if "error" not in r for x in r.get("loadavg_1min") or []]
+    load_lo, load_hi = (min(loads), max(loads)) if loads else (float("nan"), float("nan"))
     cmd = "python benchmarks/vocab_loss.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     section = f"""## vocab_loss
 
@@ -323,11 +325,11 @@ tokens, H = {args.hidden} (student and teacher), T = 1, no mask.
   shown (default: 128 MiB of float32 logits per side).
 {"- `linear_generic`: the same engine forced onto its generic local-autograd path." if "linear_generic" in args.methods else ""}
 
-Time: {args.rounds} rounds; in each round every method runs in turn in a fresh process (one
-warm-up run, then {args.repeats} timed run(s)). Reported: median [min-max] of the timed runs, and the median [min-max]
-over rounds of the per-round ratio to `dense`: the machine is shared (1-minute load average
-{min(min(r.get("loadavg_1min") or [0]) for r in results if "error" not in r):.1f} to {max(max(r.get("loadavg_1min") or [0]) for r in results if "error" not in r):.1f} on 2 cores
-during the runs), so absolute times are noisy and interleaving is what keeps the ratios fair. Memory: peak RSS minus the RSS after allocating the
+Time: {args.rounds} rounds; in each round every method runs in turn in a fresh process (one warm-up run,
+then {args.repeats} timed run(s)). Reported: median [min-max] of the timed runs, and the median [min-max] over
+rounds of the per-round ratio to `dense`. The machine was shared with other jobs (1-minute load
+average {load_lo:.1f} to {load_hi:.1f} on {os.cpu_count()} cores during the runs): absolute times are noisy,
+and interleaving the methods is what keeps the ratios fair. Memory: peak RSS minus the RSS after allocating the
 inputs, each method in its own process (high-water mark reset after the inputs via
 `/proc/self/clear_refs`, read as `VmHWM`); it includes the gradients (`grad_head` is V x H x 4 bytes =
 {args.hidden * max(vocabs) * 4 / 2**20:,.0f} MiB at V = {max(vocabs):,} in every method).

@@ -82,3 +82,8 @@ def test_dkd_ramps_in(data):
     assert method(batches.batch(0))["nckd"].item() == 0.0
     method.progress = 0.5
     assert method(batches.batch(0))["nckd"].item() > 0.0
+
+
+def test_feature_methods_can_add_logit_kd(data):
+    method, batches = build("rkd", data, {"kd_weight": 0.5})
+    assert set(method(batches.batch(0))) == EXPECTED["rkd"] | {"kd"}

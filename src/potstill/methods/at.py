@@ -9,26 +9,21 @@ from __future__ import annotations
 from pydantic import Field
 from torch import Tensor
 
-from potstill.config import Strict
 from potstill.errors import UserError
-from potstill.losses.classic import kd
 from potstill.losses.features import attention_transfer
-from potstill.methods.base import labelled_cross_entropy, weighted
-from potstill.methods.feature_base import FeatureMethod
+from potstill.methods.base import weighted
+from potstill.methods.feature_base import FeatureConfig, FeatureMethod
 
 
 class AttentionTransfer(FeatureMethod):
     name = "at"
     wants_connector = False
 
-    class Config(Strict):
+    class Config(FeatureConfig):
         student_layer: str = Field("features.1", description="Module path of a student feature map [B, C, H, W].")
         teacher_layer: str = Field("features.1", description="Module path of a teacher feature map [B, C, H, W].")
         at_weight: float = Field(1000.0, ge=0, description="Weight of the attention loss (the paper uses 1e3 / 2 per map).")
         p: float = Field(2.0, gt=0, description="Exponent of the attention map.")
-        ce_weight: float = Field(1.0, ge=0, description="Weight of the label cross-entropy.")
-        kd_weight: float = Field(0.0, ge=0, description="Weight of an added logit KD term.")
-        temperature: float = Field(4.0, gt=0, description="Temperature of the optional KD term.")
 
     def check_shapes(self, student_shape: tuple, teacher_shape: tuple, where: str) -> None:
         if len(student_shape) < 3 or student_shape[2:] != teacher_shape[2:]:
@@ -39,9 +34,7 @@ class AttentionTransfer(FeatureMethod):
         cfg = self.config
         logits, feature, teacher_logits, teacher_feature = self.student_and_teacher(batch)
         losses = {
-            "ce": weighted(cfg.ce_weight, labelled_cross_entropy(logits, batch)),
+            **self.logit_terms(logits, teacher_logits, batch),
             "at": weighted(cfg.at_weight, attention_transfer(feature, teacher_feature, p=cfg.p)),
         }
-        if cfg.kd_weight:
-            losses["kd"] = cfg.kd_weight * kd(logits, teacher_logits, temperature=cfg.temperature)
         return losses

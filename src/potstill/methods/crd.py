@@ -10,28 +10,21 @@ from __future__ import annotations
 from pydantic import Field
 from torch import Tensor
 
-from potstill.config import Strict
-from potstill.losses.classic import kd
 from potstill.losses.features import CRDLoss
-from potstill.methods.base import labelled_cross_entropy, weighted
-from potstill.methods.feature_base import FeatureMethod, flat
+from potstill.methods.base import weighted
+from potstill.methods.feature_base import FeatureConfig, FeatureMethod, flat
 
 
 class CRD(FeatureMethod):
     name = "crd"
     wants_connector = False
 
-    class Config(Strict):
-        student_layer: str = Field("features", description="Module path of the student embedding.")
-        teacher_layer: str = Field("features", description="Module path of the teacher embedding.")
+    class Config(FeatureConfig):
         feat_dim: int = Field(128, gt=0, description="Dimension of the shared contrastive space.")
         nce_temperature: float = Field(0.07, gt=0, description="Temperature of the contrastive softmax.")
         memory_bank: bool = Field(True, description="Negatives from a momentum memory bank (else in-batch).")
         num_negatives: int = Field(4096, gt=0, description="Negatives drawn from the bank per example.")
         crd_weight: float = Field(0.8, ge=0, description="Weight of the contrastive loss (paper: 0.8).")
-        ce_weight: float = Field(1.0, ge=0, description="Weight of the label cross-entropy.")
-        kd_weight: float = Field(0.0, ge=0, description="Weight of an added logit KD term.")
-        temperature: float = Field(4.0, gt=0, description="Temperature of the optional KD term.")
 
     def setup(self, sample_batch: dict[str, Tensor]) -> None:
         super().setup(sample_batch)
@@ -46,10 +39,8 @@ class CRD(FeatureMethod):
         cfg = self.config
         logits, feature, teacher_logits, teacher_feature = self.student_and_teacher(batch)
         losses = {
-            "ce": weighted(cfg.ce_weight, labelled_cross_entropy(logits, batch)),
+            **self.logit_terms(logits, teacher_logits, batch),
             "crd": weighted(cfg.crd_weight, self.crd(flat(feature), flat(teacher_feature), index=batch["index"],
                                              generator=batch.get("generator"))),
         }
-        if cfg.kd_weight:
-            losses["kd"] = cfg.kd_weight * kd(logits, teacher_logits, temperature=cfg.temperature)
         return losses

@@ -7,10 +7,23 @@ pairing fails at once with the path and the shapes.
 
 from __future__ import annotations
 
+from pydantic import Field
 from torch import Tensor, nn
 
+from potstill.config import Strict
 from potstill.engine.taps import FeatureTaps, build_connector, probe_shapes, resolve_module
-from potstill.methods.base import Method
+from potstill.losses.classic import kd
+from potstill.methods.base import Method, labelled_cross_entropy, weighted
+
+
+class FeatureConfig(Strict):
+    """Keys every feature method shares: the tapped paths and the logit-level terms."""
+
+    student_layer: str = Field("features", description="Module path of the tapped student module.")
+    teacher_layer: str = Field("features", description="Module path of the tapped teacher module.")
+    ce_weight: float = Field(1.0, ge=0, description="Weight of the label cross-entropy.")
+    kd_weight: float = Field(0.0, ge=0, description="Weight of an added logit KD term (0: none).")
+    temperature: float = Field(4.0, gt=0, description="Temperature of the optional KD term.")
 
 
 class FeatureMethod(Method):
@@ -35,6 +48,14 @@ class FeatureMethod(Method):
     def check_shapes(self, student_shape: tuple, teacher_shape: tuple, where: str) -> None:
         """Methods that cannot use a connector refuse impossible shapes here."""
 
+    def logit_terms(self, logits: Tensor, teacher_logits: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Label CE, plus logit KD when kd_weight > 0."""
+        cfg = self.config
+        terms = {"ce": weighted(cfg.ce_weight, labelled_cross_entropy(logits, batch))}
+        if cfg.kd_weight:
+            terms["kd"] = weighted(cfg.kd_weight, kd(logits, teacher_logits, temperature=cfg.temperature))
+        return terms
+
     def student_and_teacher(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(student logits, student feature, teacher logits, teacher feature) for the batch."""
         logits = self.student(batch["x"])
@@ -47,4 +68,4 @@ def flat(feature: Tensor) -> Tensor:
     return feature.flatten(1)
 
 
-__all__ = ["FeatureMethod", "flat", "nn"]
+__all__ = ["FeatureConfig", "FeatureMethod", "flat", "nn"]
