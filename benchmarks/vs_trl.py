@@ -6,40 +6,37 @@ target, in potstill's ``LMBatches`` order; TRL reads them sequentially) with the
 (torch AdamW, constant lr, no weight decay, grad-norm clipping at 1.0, float32, no gradient
 checkpointing) and the same objective, KL(teacher || student) per target token at T = 1.
 
-* ``trl``: ``trl.experimental.gkd.GKDTrainer`` with ``lmbda=0`` (never generates: off-policy,
-  fixed data) and ``beta=0`` (its generalised JSD is then ``F.kl_div(log q_student, log p_teacher,
-  log_target=True)``, i.e. forward KL). TRL 1.16's ``DistillationTrainer`` is on-policy only (the
-  student always generates its completions), so GKD is TRL's trainer for off-policy KD. Per step:
-  teacher forward (full [B, T, V] logits, no grad), student forward ([B, T, V] logits), dense
+* ``trl``: ``trl.experimental.gkd.GKDTrainer`` with ``lmbda=0`` (off-policy: never generates) and
+  ``beta=0`` (its generalised JSD is then ``F.kl_div(log q_student, log p_teacher, log_target=True)``,
+  forward KL). TRL 1.16's ``DistillationTrainer`` is on-policy only (the student always generates).
+  Per step: teacher forward with [B, T, V] logits, student forward with [B, T, V] logits, dense
   log-softmaxes and KL over [B, T-1, V], backward, clip, AdamW.
-* ``potstill``: ``potstill.engine.trainer.train`` with the ``lm_kd`` method (``forward_kl``) and an
-  ``LMTeacher`` run every step (teacher decoder forward to hidden states; the vocabulary loss is
-  computed chunk by chunk from hidden states and heads, never a [B, T, V] tensor).
-* ``potstill+precompute``: the same, with ``LMTeacher.precompute`` run once over the training set
-  (one epoch of the benchmark's steps) first; its time is reported separately and folded into an
-  amortised steps/s.
+* ``potstill``: ``potstill.engine.trainer.train``, method ``lm_kd`` (``forward_kl``), ``LMTeacher`` run
+  every step (decoder forward to hidden states; the loss goes chunk by chunk over the vocabulary).
+* ``potstill+precompute``: the same after ``LMTeacher.precompute`` over the training set (one epoch
+  of the benchmark's steps); its time is reported separately and folded into amortised steps/s.
+* ``--chunk-size N`` adds both potstill rows with ``chunk_size=N`` (default: 680 rows at V = 49,152).
 
-Each configuration runs in its own subprocess, one after another (``--repeats``: rounds in rotated
-order, medians reported). Timing: end-of-step timestamps (a Trainer callback for TRL, ``on_step``
-for potstill) of steps ``warmup+1 .. warmup+steps``; one more step follows so end-of-training work
-(potstill's best-state copy, TRL's teardown) is outside the window. Peak memory: RSS sampled every
-5 ms from the baseline (models and data loaded, memory-mapped weights paged in) to the end of the
-timed window, minus the baseline: all each side allocates to train (trainer setup, gradients,
-optimizer state, activations, logits, precomputed targets).
+One subprocess per configuration, one at a time (``--repeats``: rounds in rotated order, medians).
+Timed: end-of-step timestamps of steps ``warmup+1 .. warmup+steps``; one more untimed step keeps
+end-of-training work (potstill's best-state copy, TRL's teardown) out. Peak memory: RSS sampled
+every 5 ms from the baseline (models, data loaded, mmapped weights paged in) to the end of the
+timed window, minus the baseline (gradients, optimizer state, activations, logits, targets).
 
 Usage::
 
     python benchmarks/vs_trl.py [--steps 20] [--warmup 3] [--seq-len 128] [--batch 4] [--repeats 1]
-                                [--chunk-size N] [--only NAME ...] [--write-docs]
+                                [--threads N] [--chunk-size N] [--only NAME ...] [--write-docs]
 
-``--chunk-size N`` adds the rows ``potstill chunk=N`` and ``potstill+precompute chunk=N`` (lm_kd's
-``chunk_size``; by default potstill picks 680 rows at V = 49,152, i.e. one chunk for B x T <= 680).
+On a shared machine, ``--threads 1`` makes "CPU s/step" a stable measure of work: with 2 threads,
+a descheduled thread leaves the other spinning at the next barrier, and both times scatter.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import hashlib
 import json
 import os
 import platform
@@ -92,9 +89,8 @@ def load(args):
     data = {"input_ids": sequences, "attention_mask": torch.ones_like(sequences), "labels": sequences.clone()}
     with torch.no_grad():  # the weights are memory-mapped: page them in before the RSS baseline
         sum(float(p.sum()) for p in [*teacher.parameters(), *student.parameters()])
-    batches = LMBatches(data, args.batch, 1, seed=0)
     info = {"teacher_params": count_params(teacher), "student_params": count_params(student)}
-    return teacher, tokenizer, student, data, batches, total, info
+    return teacher, tokenizer, student, data, LMBatches(data, args.batch, 1, seed=0), total, info
 
 
 def run_trl(args, teacher, tokenizer, student, data, batches, total, clock) -> dict:
@@ -135,12 +131,10 @@ def run_potstill(args, teacher, tokenizer, student, data, batches, total, clock,
     from potstill.engine.trainer import train
     from potstill.methods.lm import LMDistill
     from potstill.teachers.lm import LMTeacher
-    lm_teacher = LMTeacher(teacher, TEACHER)
-    precompute_s = 0.0
+    lm_teacher, started = LMTeacher(teacher, TEACHER), time.perf_counter()
     if precompute:
-        started = time.perf_counter()
         lm_teacher.precompute(data["input_ids"], data["attention_mask"])
-        precompute_s = time.perf_counter() - started
+    precompute_s = time.perf_counter() - started if precompute else 0.0
     chunk = int(args.worker.split("chunk=")[1]) if "chunk=" in args.worker else None
     config = LMDistill.Config(divergence="forward_kl", temperature=1.0, chunk_size=chunk)
     method = LMDistill(student, lm_teacher, config, num_classes=len(tokenizer), num_train=len(data["input_ids"]))
@@ -160,7 +154,8 @@ def run_potstill(args, teacher, tokenizer, student, data, batches, total, clock,
 
 
 def worker(args) -> None:
-    load_start = os.getloadavg()[0]
+    load_start, code = os.getloadavg()[0], source_digest()
+    torch.set_num_threads(args.threads or torch.get_num_threads())
     torch.manual_seed(0)
     teacher, tokenizer, student, data, batches, total, info = load(args)
     clock = Clock(last=args.warmup + args.steps)
@@ -171,22 +166,31 @@ def worker(args) -> None:
         else:
             record = run_potstill(args, teacher, tokenizer, student, data, batches, total, clock,
                                   precompute=args.worker.startswith("potstill+precompute"))
-    w, c, a, b = clock.wall, clock.cpu, args.warmup - 1, args.warmup - 1 + args.steps  # ends of steps warmup, last
-    record.update(info, config=args.worker, batch=args.batch, load=[load_start, os.getloadavg()[0]],
+    w, c, a, b = clock.wall, clock.cpu, args.warmup - 1, args.warmup - 1 + args.steps  # ends: warmup, last steps
+    record.update(info, config=args.worker, batch=args.batch, code=code, load=[load_start, os.getloadavg()[0]],
                   threads=torch.get_num_threads(), peak_mb=clock.peak_mb, steps_per_s=args.steps / (w[b] - w[a]),
                   median_step_s=statistics.median(w[i] - w[i - 1] for i in range(a + 1, b + 1)),
                   cpu_step_s=(c[b] - c[a]) / args.steps, total_steps=total)
     Path(args.out).write_text(json.dumps(record))
 
 
-def versions() -> str:
+def source_digest() -> str:
+    """Digest of potstill's sources, to detect edits between the runs of one invocation."""
+    files = sorted((ROOT / "src" / "potstill").rglob("*.py"))
+    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
+
+
+def machine() -> str:
     import transformers
     import trl
-    return f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}"
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor() or platform.machine())
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
+    return (f"{cpu}, {os.cpu_count()} cores; torch {torch.__version__}, transformers {transformers.__version__}, "
+            f"trl {trl.__version__}, Python {platform.python_version()}; potstill at {head.strip() or '?'}")
 
 
-def summary(runs: list[dict]) -> dict:
-    """Median over repeats of each timing/memory number; losses from the first run."""
+def summary(runs: list[dict]) -> dict:  # medians over repeats; losses from the first run
     keys = ("steps_per_s", "median_step_s", "cpu_step_s", "peak_mb", "precompute_s")
     return {**runs[0], **{k: statistics.median(r.get(k, 0.0) for r in runs) for k in keys}}
 
@@ -208,8 +212,7 @@ def table(results: dict[str, dict], epochs: int) -> str:
 
 
 def loss_check(results: dict[str, dict]) -> str:
-    trl = results.get("trl", {}).get("losses")
-    lines = []
+    trl, lines = results.get("trl", {}).get("losses"), []
     for name, r in results.items():
         line = f"- {name}: first-step loss {r['losses'][0]:.6f} (sum / num_items = {r['num_items'][0]} target tokens)"
         if trl and name != "trl":
@@ -222,14 +225,12 @@ def loss_check(results: dict[str, dict]) -> str:
 
 def write_docs(text: str) -> None:
     DOCS.parent.mkdir(parents=True, exist_ok=True)
-    current = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"  # re-read right before writing
-    block = f"{START}\n{text}\n{END}"
+    current, block = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n", f"{START}\n{text}\n{END}"  # re-read now
     if START in current and END in current:
         head, rest = current.split(START, 1)
-        current = head + block + rest.split(END, 1)[1]
+        DOCS.write_text(head + block + rest.split(END, 1)[1])
     else:
-        current = current.rstrip("\n") + "\n\n" + block + "\n"
-    DOCS.write_text(current)
+        DOCS.write_text(current.rstrip("\n") + "\n\n" + block + "\n")
 
 
 def main() -> None:
@@ -241,6 +242,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=1, help="student decoder layers")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--chunk-size", type=int, help="also run the potstill rows with this lm_kd chunk_size")
+    parser.add_argument("--threads", type=int, help="torch threads per run (default: torch's own)")
     parser.add_argument("--repeats", type=int, default=1, help="rounds over the configurations (order rotated)")
     parser.add_argument("--epochs", type=int, default=3, help="epochs for the amortised precompute column")
     parser.add_argument("--only", action="append", help="run only these configurations (names as in the table)")
@@ -259,17 +261,18 @@ def main() -> None:
         names = [n for n in names if n in args.only]
     runs: dict[str, list[dict]] = {name: [] for name in names}
     forwarded = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                 if k in ("steps", "warmup", "seq_len", "batch", "layers", "lr") and v is not None]
+                 if k in ("steps", "warmup", "seq_len", "batch", "layers", "lr", "threads") and v is not None]
     for repeat in range(args.repeats):
         for name in names[repeat % len(names):] + names[:repeat % len(names)]:
             with tempfile.NamedTemporaryFile(suffix=".json") as out:
                 print(f"round {repeat + 1}/{args.repeats}: {name} ...", file=sys.stderr, flush=True)
                 subprocess.run([sys.executable, __file__, "--worker", name, "--out", out.name, *forwarded],
-                               check=True, cwd=ROOT)
+                               check=True, cwd=ROOT, stdout=sys.stderr)  # TRL prints its logs: keep stdout clean
                 runs[name].append(json.loads(Path(out.name).read_text()))
     results = {name: summary(runs[name]) for name in names}
     r = next(iter(results.values()))
     loads = [x for rs in runs.values() for run in rs for x in run["load"]]
+    codes = {run["code"] for rs in runs.values() for run in rs}
     setup = (f"Teacher {TEACHER} ({r['teacher_params'] / 1e6:.1f} M params, float32); student {args.layers} layer(s), "
              f"teacher-layer init ({r['student_params'] / 1e6:.1f} M params, "
              f"{r['student_params'] / r['teacher_params']:.1%} of the teacher); batch {args.batch} x {args.seq_len} "
@@ -280,10 +283,10 @@ def main() -> None:
     command = "python benchmarks/vs_trl.py " + " ".join(sys.argv[1:])
     text = "\n\n".join([
         "## potstill vs TRL (LM distillation, forward KL)",
-        f"`{command.strip()}` on {_dt.date.today().isoformat()}; {platform.machine()} CPU "
-        f"({platform.processor() or 'unknown'}), {os.cpu_count()} cores, {r['threads']} torch threads; the machine "
-        f"was shared with other jobs (1-min load average {min(loads):.1f}-{max(loads):.1f} during the runs), so "
-        f"wall times are noisy; {versions()}; Python {platform.python_version()}.",
+        f"`{command.strip()}` on {_dt.date.today().isoformat()}; {machine()} (sources {'/'.join(sorted(codes))}"
+        f"{': CHANGED during the run' if len(codes) > 1 else ''}); {r['threads']} torch threads; the machine was "
+        f"shared with other jobs (1-min load average {min(loads):.1f}-{max(loads):.1f} during the runs), so wall "
+        "times are noisy.",
         setup, table(results, args.epochs), "First-step loss (same batch, same student init) and agreement:\n\n"
         + loss_check(results)])
     print(text)

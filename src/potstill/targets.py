@@ -1,0 +1,132 @@
+"""Sparse teacher targets: what an offline teacher store keeps per position instead of V log-probs.
+
+Two ways to keep ``k`` entries of a teacher distribution ``p = softmax(z / T)`` per position:
+
+* :func:`sample` (unbiased, after Anshumann et al., "Sparse Logit Sampling"): ``k`` independent
+  draws from ``p``; each distinct id gets weight ``count / k``. For every vocabulary entry ``v``,
+  ``E[sum_j weights[j] * (ids[j] == v)] = p[v]``, so any loss that is *linear* in the target
+  (cross-entropy, hence the gradient of forward KL) is unbiased: its expectation over draws equals
+  the dense loss. Distinct ids are at most ``k``; unused slots have weight 0 (and repeat a used id,
+  so they stay valid indices).
+* :func:`topk` (biased): the ``k`` most probable ids with their probabilities, plus ``tail`` =
+  the mass of everything else. The kept weights sum to ``1 - tail`` < 1 and every id outside the top
+  ``k`` gets 0: used as a target, it over-weights the head of the distribution relative to its tail
+  (renormalising the ``k`` weights, as some toolkits do, makes that worse: it moves the tail's mass
+  onto the head). Kept with ``tail``, a loss can at least treat "everything else" as one bucket,
+  which is what :func:`potstill.losses.linear_divergence` does with top-k targets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = ["SparseTargets", "sample", "topk"]
+
+
+@dataclass(frozen=True)
+class SparseTargets:
+    """``ids`` (long, ``[..., k]``) and ``weights`` (float, ``[..., k]``) per position.
+
+    ``kind`` is ``"sampled"`` (weights sum to 1; unbiased in expectation) or ``"topk"`` (weights
+    are the teacher's probabilities of its top ``k`` ids; ``tail`` ``[...]`` is the remaining
+    mass). ``temperature`` is the one the teacher distribution was taken at. ``entropy`` ``[...]``
+    (optional) is the teacher's full entropy H(p) at that temperature: with it, a loss can report
+    KL(p || q) = CE(p, q) - H(p) rather than a cross-entropy (the gradient is the same).
+    """
+
+    ids: Tensor
+    weights: Tensor
+    kind: Literal["sampled", "topk"] = "sampled"
+    tail: Tensor | None = None
+    temperature: float = 1.0
+    entropy: Tensor | None = None
+
+    def __post_init__(self):
+        if self.ids.shape != self.weights.shape:
+            raise ValueError(f"ids {tuple(self.ids.shape)} and weights {tuple(self.weights.shape)} differ in shape")
+        if self.kind not in ("sampled", "topk"):
+            raise ValueError(f"kind must be 'sampled' or 'topk', got {self.kind!r}")
+        if self.kind == "topk" and self.tail is None:
+            raise ValueError("top-k targets need the tail mass")
+        for name in ("tail", "entropy"):
+            value = getattr(self, name)
+            if value is not None and value.shape != self.ids.shape[:-1]:
+                raise ValueError(f"{name} {tuple(value.shape)} must be {tuple(self.ids.shape[:-1])}")
+
+    @property
+    def k(self) -> int:
+        return self.ids.shape[-1]
+
+    def __getitem__(self, index) -> "SparseTargets":
+        """Index the leading (position) dimensions, e.g. ``targets[mask]`` or ``targets[:, 1:]``."""
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
+        return SparseTargets(self.ids[index], self.weights[index], self.kind, pick(self.tail), self.temperature,
+                             pick(self.entropy))
+
+    def reshape(self, *lead: int) -> "SparseTargets":
+        shape = lambda t: None if t is None else t.reshape(*lead)  # noqa: E731
+        return SparseTargets(self.ids.reshape(*lead, self.k), self.weights.reshape(*lead, self.k), self.kind,
+                             shape(self.tail), self.temperature, shape(self.entropy))
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "SparseTargets":
+        """Move to ``device``; ``dtype`` applies to the float tensors (weights, tail)."""
+        move = lambda t: None if t is None else t.to(device, dtype)  # noqa: E731
+        return SparseTargets(self.ids.to(device), self.weights.to(device, dtype), self.kind, move(self.tail),
+                             self.temperature, move(self.entropy))
+
+    def to_dense(self, vocab_size: int) -> Tensor:
+        """``[..., V]`` target probabilities (the tail is not spread: for tests and small V only)."""
+        dense = torch.zeros(*self.ids.shape[:-1], vocab_size, dtype=self.weights.dtype, device=self.ids.device)
+        return dense.scatter_add_(-1, self.ids, self.weights)
+
+
+def _log_probabilities(teacher_logits: Tensor, temperature: float) -> Tensor:
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return torch.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+
+
+def _entropy(log_probs: Tensor) -> Tensor:
+    return -(log_probs.exp() * log_probs.nan_to_num(neginf=0.0)).sum(dim=-1)
+
+
+def sample(teacher_logits: Tensor, k: int, *, temperature: float = 1.0,
+           generator: torch.Generator | None = None) -> SparseTargets:
+    """``k`` draws (with replacement) from ``softmax(teacher_logits / temperature)`` per position,
+    merged into distinct ids with weights ``count / k`` (unbiased; see the module docstring)."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    lead, vocab = teacher_logits.shape[:-1], teacher_logits.shape[-1]
+    log_probs = _log_probabilities(teacher_logits, temperature)
+    probs = log_probs.exp().reshape(-1, vocab)
+    draws = torch.multinomial(probs, k, replacement=True, generator=generator) if probs.numel() else \
+        torch.zeros(0, k, dtype=torch.long, device=probs.device)
+    draws, _ = draws.sort(dim=-1)
+    first = torch.ones_like(draws, dtype=torch.bool)
+    first[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    slot = first.long().cumsum(dim=-1) - 1  # distinct-id index of each draw
+    ids = draws[:, :1].expand(-1, k).clone()  # unused slots repeat the first id (weight 0)
+    ids.scatter_(1, slot, draws)
+    weights = torch.zeros(draws.shape, dtype=torch.float32, device=draws.device)
+    weights.scatter_add_(1, slot, torch.full(draws.shape, 1.0 / k, device=draws.device))
+    return SparseTargets(ids.reshape(*lead, k), weights.reshape(*lead, k), "sampled", None, float(temperature),
+                         _entropy(log_probs))
+
+
+def topk(teacher_logits: Tensor, k: int, *, temperature: float = 1.0) -> SparseTargets:
+    """The ``k`` most probable ids of ``softmax(teacher_logits / temperature)``, their probabilities
+    and the tail mass (biased; see the module docstring)."""
+    vocab = teacher_logits.shape[-1]
+    if not 1 <= k <= vocab:
+        raise ValueError(f"k must be in [1, {vocab}], got {k}")
+    log_probs = _log_probabilities(teacher_logits, temperature)
+    top_log_probs, ids = log_probs.topk(k, dim=-1)
+    weights = top_log_probs.exp()
+    # the tail from the excluded entries themselves: 1 - sum(top) loses it to rounding when it is tiny
+    excluded = log_probs.scatter(-1, ids, float("-inf"))
+    tail = excluded.logsumexp(dim=-1).exp() if k < vocab else torch.zeros_like(weights[..., 0])
+    return SparseTargets(ids, weights, "topk", tail, float(temperature), _entropy(log_probs))
