@@ -52,6 +52,74 @@ def distill(
 
 
 @app.command()
+def cache(
+    recipe: str = typer.Argument(..., help="Built-in recipe name or a YAML config whose teacher and data to store."),
+    out: Path = typer.Option(..., "--out", help="Store directory (a rerun with the same settings finishes it)."),
+    format_: Optional[str] = typer.Option(None, "--format", help="dense | topk | sampled (default: sampled for "
+                                          "language models, dense for classification)."),
+    k: Optional[int] = typer.Option(None, "--k", help="sampled: draws per position (default 20, max 255); "
+                                    "topk: kept ids (default 15)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Teacher temperature of the stored "
+                                                "distribution (language models; default 1)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sampling (keyed by shard, so reruns are identical)."),
+    shard_size: int = typer.Option(64, "--shard-size", help="Sequences (examples) per shard."),
+    eval_targets: str = typer.Option("dense", "--eval-targets", help="dense: also store the test split's teacher "
+                                     "log-probs (exact kl_to_teacher/agreement without the teacher); none: skip."),
+    set_: List[str] = typer.Option([], "--set", help="Override a config key, as for distill (repeatable)."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Run the teacher once over the recipe's data and store its targets for `distill --set teacher.cache=DIR`."""
+    DEBUG["on"] = debug
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from potstill.config import load_recipe
+    from potstill.store.manifest import FORMATS
+    from potstill.store.source import source_for
+    from potstill.store.writer import build_store
+
+    loaded = load_recipe(recipe, list(set_))
+    fmt = format_ or ("sampled" if loaded.task == "lm" else "dense")
+    if fmt not in FORMATS:
+        fail(f"--format must be one of {', '.join(FORMATS)} (got '{fmt}')")
+    if eval_targets not in ("dense", "none"):
+        fail(f"--eval-targets must be dense or none (got '{eval_targets}')")
+    if loaded.task == "classification" and temperature is not None:
+        fail("--temperature: a classification store keeps the teacher's raw logits, which serve any KD temperature")
+    if getattr(loaded, "threads", None):
+        torch.set_num_threads(loaded.threads)
+    columns = [TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=False, refresh_per_second=4) as progress:
+        def on_step_factory(label: str, total: int):
+            bar = progress.add_task(label, total=total)
+            return lambda step, losses: progress.update(bar, completed=step)
+
+        source = source_for(loaded, on_step_factory)
+        bars: dict = {}
+
+        def on_shard(done: int, total: int) -> None:
+            if "bar" not in bars:
+                bars["bar"] = progress.add_task("teacher store shards", total=total)
+            progress.update(bars["bar"], completed=done)
+
+        def warn(message: str) -> None:
+            progress.console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+
+        manifest, computed = build_store(source, out, fmt=fmt, k=k, temperature=1.0 if temperature is None else temperature,
+                                         seed=seed, shard_size=shard_size, eval_targets=eval_targets, warn=warn,
+                                         on_shard=on_shard)
+    total = manifest.num_shards() + manifest.num_heldout_shards()
+    size = sum(s.bytes for s in manifest.shards)
+    unit = "example" if manifest.task == "classification" else "token"
+    k_text = f", k={manifest.k}" if manifest.k is not None else ""
+    console.print(f"teacher store {out}: {manifest.format}{k_text}, T={manifest.temperature:g}, "
+                  f"{manifest.bytes_per_token} bytes/{unit}, {_size(size)} of training targets; "
+                  f"{computed} of {total} shards computed now, {total - computed} already there", highlight=False)
+    sets = "".join(f" --set {item}" for item in set_)
+    console.print(f"train from it: potstill distill {recipe}{sets} --set teacher.cache={out}", highlight=False)
+
+
+@app.command()
 def recipes(methods: bool = typer.Option(False, "--methods", help="List distillation methods instead.")) -> None:
     """List the built-in recipes (or methods) with one line each."""
     from potstill.config import builtin_recipes, load_recipe_data
@@ -82,6 +150,14 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory with report
     if not (run_dir / "report.json").exists():
         fail(f"{run_dir} has no report.json (not a finished potstill run)")
     console.print(f"report: {render_html(run_dir)}")
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
 
 
 def main() -> None:

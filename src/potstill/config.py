@@ -13,13 +13,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from potstill.errors import UserError
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _absolute(path: str | None) -> str | None:
+    """Store paths are kept absolute, so a resumed run finds the same store from any directory."""
+    return str(Path(path).expanduser().absolute()) if path else None
 
 
 class ClassifierModelConfig(Strict):
@@ -65,6 +70,11 @@ class TeacherConfig(Strict):
     seed: int = Field(0, description="Seed of the teacher's training.")
     path: str | None = Field(None, description="Load teacher weights from this safetensors file instead of training one.")
     reuse: bool = Field(True, description="Reuse a kept teacher trained with the same config and data.")
+    cache: str | None = Field(None, description="Train from an offline teacher store written by `potstill cache` "
+                              "(a directory of the teacher's stored logits): no teacher model is loaded; the store "
+                              "must match this recipe's data (checked before training; see docs/store.md).")
+
+    _absolute_cache = field_validator("cache")(_absolute)
 
 
 class StudentConfig(Strict):
@@ -107,6 +117,13 @@ class LMTeacherConfig(Strict):
         description="For model='tiny': the teacher's training schedule.",
     )
     reuse: bool = Field(True, description="Reuse a kept tiny teacher trained with the same config and data.")
+    cache: str | None = Field(None, description="Train from an offline teacher store written by `potstill cache` "
+                              "(a directory): targets are read from it in step with the data order, no teacher model "
+                              "stays in memory (teacher weights are read once if student.init='teacher_layers'); "
+                              "tokenizer, vocab size, temperature and data must match (checked before training; "
+                              "see docs/store.md).")
+
+    _absolute_cache = field_validator("cache")(_absolute)
 
 
 class LMStudentModelConfig(Strict):

@@ -76,8 +76,12 @@ def run_recipe(recipe: BaseModel, run_dir: Path, *, resume: bool = False, consol
         torch.set_num_threads(recipe.threads)
     task = make_task(recipe)
     seeds = [recipe.seed + i for i in range(recipe.seeds)]
+    skipped: dict[str, str] = {}
     for name, student in recipe.students.items():
-        task.check_student(name, student)
+        reason = task.check_student(name, student)  # raises for a student that cannot work
+        if reason:  # a student this teacher source cannot serve (e.g. a sampled store): reported, not trained
+            skipped[name] = reason
+            console.print(f"[yellow]skipping student {name}:[/] {reason}", highlight=False, soft_wrap=True)
     started = time.time()
 
     columns = [TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
@@ -93,6 +97,8 @@ def run_recipe(recipe: BaseModel, run_dir: Path, *, resume: bool = False, consol
         task.prepare_teacher(on_step_factory)
         results: dict[str, list[dict]] = {}
         for name, student in recipe.students.items():
+            if name in skipped:
+                continue
             for seed in seeds:
                 seed_dir = run_dir / "students" / name / f"seed_{seed}"
                 done = seed_dir / "result.json"
@@ -107,6 +113,9 @@ def run_recipe(recipe: BaseModel, run_dir: Path, *, resume: bool = False, consol
                 results.setdefault(name, []).append(result)
 
     report = build_report(recipe, task, results, seeds)
+    if skipped:
+        report["skipped_students"] = skipped
+        report["protocol"].setdefault("notes", []).extend(f"student {n} not trained: {r}" for n, r in skipped.items())
     report["wall_seconds"] = round(time.time() - started, 1)
     write_report(run_dir, report)
     console.print(summary_table(report))

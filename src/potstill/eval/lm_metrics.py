@@ -15,6 +15,14 @@ for ``t >= 1``, predicted from position ``t - 1``; HF label convention):
   at ``temperature`` (``softmax(z / T)``). No ``T**2`` factor (that is a training-loss scaling).
 * ``agreement`` = fraction of tokens where ``argmax`` student == ``argmax`` teacher.
 * ``tokens`` = number of label tokens.
+
+Without a teacher model, a batch may carry the teacher's stored log-probs instead (an offline
+teacher store's held-out targets): ``batch["teacher_log_probs"]`` ``[count, V]``, one row per label
+token in row-major order over ``(sequence, position)`` (the rows ``hidden[:, :-1][labels[:, 1:] != -100]``
+selects). Log-probs at T=1 are the teacher's logits up to a per-row constant, so every metric
+above is computed from them exactly as from the model's logits (up to their storage precision);
+``batch["teacher_argmax"]`` ``[count]`` (optional) gives the teacher's exact top-1 ids for
+``agreement``, which low-precision log-probs could otherwise tie.
 """
 
 from __future__ import annotations
@@ -64,8 +72,8 @@ def evaluate_lm(
     ``batches`` yields dicts with ``input_ids`` and optionally ``attention_mask`` and ``labels``
     (labels default to ``input_ids`` with padding masked), or bare ``[B, T]`` id tensors (packed
     text: every next token counts). With ``teacher=None`` only ``perplexity`` and ``tokens`` are
-    returned. Both models are put in eval mode and restored afterwards; statistics are
-    accumulated in float64.
+    returned, unless the batches carry ``teacher_log_probs`` (see module doc). Both models are put
+    in eval mode and restored afterwards; statistics are accumulated in float64.
     """
     if temperature <= 0:
         raise ValueError("temperature must be positive")
@@ -73,6 +81,7 @@ def evaluate_lm(
     modes = [m.training for m in models]
     for m in models:
         m.eval()
+    with_teacher = teacher is not None
     ce_s = ce_t = kl = 0.0
     agree = 0
     n = 0
@@ -86,6 +95,12 @@ def evaluate_lm(
                 continue
             tgt = target[pos]
             hs, ws, bs, cap_s = _label_hidden(student, ids, mask, pos)
+            stored = batch.get("teacher_log_probs") if teacher is None and isinstance(batch, Mapping) else None
+            if stored is not None:
+                if stored.shape != (count, ws.shape[0]):
+                    raise ValueError(f"teacher_log_probs {tuple(stored.shape)} do not match the batch's "
+                                     f"{count} label tokens x vocabulary {ws.shape[0]}")
+                with_teacher = True
             if teacher is not None:
                 ht, wt, bt, cap_t = _label_hidden(teacher, ids, mask, pos)
                 if wt.shape[0] != ws.shape[0]:
@@ -97,11 +112,12 @@ def evaluate_lm(
                 zs = logits_from_hidden(hs[sl], ws, bs, cap_s).float()
                 y = tgt[sl]
                 ce_s += float(F.cross_entropy(zs, y, reduction="sum", ignore_index=-100).double())
-                if teacher is None:
+                if teacher is None and stored is None:
                     continue
-                zt = logits_from_hidden(ht[sl], wt, bt, cap_t).float()
+                zt = stored[sl].float() if stored is not None else logits_from_hidden(ht[sl], wt, bt, cap_t).float()
                 ce_t += float(F.cross_entropy(zt, y, reduction="sum").double())
-                agree += int((zs.argmax(-1) == zt.argmax(-1)).sum())
+                top = batch["teacher_argmax"][sl] if stored is not None and "teacher_argmax" in batch else zt.argmax(-1)
+                agree += int((zs.argmax(-1) == top).sum())
                 lt = F.log_softmax(zt / temperature, dim=-1)
                 ls = F.log_softmax(zs / temperature, dim=-1)
                 kl += float((lt.exp() * (lt - ls)).sum().double())
@@ -113,7 +129,7 @@ def evaluate_lm(
     if n == 0:
         raise ValueError("no label tokens in the evaluation batches")
     result: dict[str, float] = {"perplexity": math.exp(ce_s / n), "tokens": n}
-    if teacher is not None:
+    if with_teacher:
         result.update(
             kl_to_teacher=kl / n,
             agreement=agree / n,

@@ -1,4 +1,9 @@
-"""Classification: data, the (kept) teacher, one student per (method, seed), and its evaluation."""
+"""Classification: data, the (kept) teacher, one student per (method, seed), and its evaluation.
+
+With ``teacher.cache`` the teacher is an offline store of its raw logits (``potstill cache``): no
+teacher model is built or loaded; the test-split logits for the fidelity metrics and the teacher's
+report entry come from the store too.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +26,12 @@ from potstill.errors import UserError
 from potstill.eval.metrics import classification_metrics, latency_ms, predict, reliability
 from potstill.methods import method_class, method_config
 from potstill.methods.ce import CrossEntropy
+from potstill.methods.feature_base import FeatureMethod
 from potstill.models.classifiers import build_classifier, count_parameters
+from potstill.store.manifest import check_setup
+from potstill.store.reader import StoreReader
+from potstill.store.source import tensor_digest
+from potstill.store.teacher import StoreTeacher
 from potstill.teachers.local import LocalTeacher
 
 OnStep = Callable[[int, dict[str, float]], None]
@@ -37,6 +47,12 @@ class ClassificationTask:
         self.recipe = recipe
         self.data = load_classification(recipe.data)
         self.teacher_info: dict = {}
+        self.store = StoreReader(recipe.teacher.cache) if recipe.teacher.cache else None
+        if self.store is not None:
+            check_setup(self.store.manifest, self.store.folder, task="classification")
+            if recipe.data.augment != "none":
+                raise UserError(f"data.augment='{recipe.data.augment}' shows the teacher a new view every step, which a "
+                                "teacher store cannot follow; set data.augment=none or drop teacher.cache")
 
     # ---------------------------------------------------------------- teacher
 
@@ -49,8 +65,21 @@ class ClassificationTask:
     def _new_teacher_model(self) -> torch.nn.Module:
         return build_classifier(self.recipe.teacher.model, self.data.input_shape, self.data.num_classes)
 
+    def _prepare_from_store(self) -> None:
+        store, data = self.store, self.data
+        check_setup(store.manifest, store.folder, vocab_size=data.num_classes,
+                    dataset_fingerprint=tensor_digest(data.train.x, data.train.y), num_examples=len(data.train),
+                    heldout_fingerprint=tensor_digest(data.test.x, data.test.y))
+        store.verify()
+        self.teacher = StoreTeacher(store, f"{store.manifest.teacher.description} via teacher store {store.folder}")
+        self.teacher_info = {"description": self.teacher.description, "reused": False}
+        held = store.manifest.held_out
+        self.teacher_test_logits = store.heldout(0, held.num_examples).float() if held is not None else None
+
     def prepare_teacher(self, on_step_factory: Callable[[str, int], OnStep]) -> None:
         cfg = self.recipe.teacher
+        if self.store is not None:
+            return self._prepare_from_store()
         model = self._new_teacher_model()
         if cfg.path:
             path = Path(cfg.path)
@@ -94,6 +123,9 @@ class ClassificationTask:
         self.teacher_val_logits = predict(model, self.data.val.x)
 
     def teacher_report(self) -> dict:
+        if self.store is not None:
+            entry = dict(self.store.manifest.teacher_report or {})
+            return {**entry, **self.teacher_info, "store": self.store.report_entry()}
         model, ev = self.teacher.model, self.recipe.eval
         metrics = classification_metrics(self.teacher_test_logits, self.data.test.y, None, ev.ece_bins)
         metrics["params"] = count_parameters(model)
@@ -114,6 +146,10 @@ class ClassificationTask:
         """Validate a student's method, params and feature taps (dry run on fresh models) before anything trains."""
         method_cls = method_class(cfg.method, where=f"students.{name}.method")
         method_cfg = method_config(cfg.method, cfg.params, where=f"students.{name}")
+        if self.store is not None and issubclass(method_cls, FeatureMethod):
+            raise UserError(f"students.{name}: method '{cfg.method}' taps teacher features "
+                            f"('{method_cfg.teacher_layer}'), but teacher.cache holds only the teacher's logits; "
+                            "drop this student or train with the teacher model")
         student = build_classifier(self.recipe.student, self.data.input_shape, self.data.num_classes)
         teacher = LocalTeacher(self._new_teacher_model(), "dry run") if method_cls.uses_teacher else None
         method = method_cls(student, teacher, method_cfg, num_classes=self.data.num_classes,
@@ -158,6 +194,10 @@ class ClassificationTask:
             "every student has the same architecture, steps, batch size and optimizer as the baseline",
             "latency is a timing of this machine: it varies between runs; all other numbers are deterministic",
         ]
+        if self.store is not None:
+            notes.insert(0, f"teacher logits came from the offline store {self.store.folder} (fp32 raw logits, "
+                            f"manifest sha256 {self.store.digest[:16]}); no teacher model was loaded; teacher "
+                            "latency was measured when the store was built")
         return {"selection": f"best val/accuracy, evaluated every {r.train.eval_every} steps on a validation split "
                              f"of {len(self.data.val)} examples carved from the training data",
                 "test": f"held-out test split of {len(self.data.test)} examples (data.split_seed={r.data.split_seed}), "

@@ -1,0 +1,214 @@
+"""``potstill cache``: run the teacher once over the training set and write its targets in shards.
+
+Shard ``i`` of the training split holds examples ``[i * shard_size, (i + 1) * shard_size)``, all
+positions of each sequence. Each shard is written to a temporary file, fsynced and renamed; then
+the manifest (also atomic) gains its entry and sha256. A run killed at any point therefore leaves
+a manifest listing only whole shards; rerunning the same command verifies them (a corrupt one is
+named and recomputed) and computes only the missing ones. Sampling uses a generator keyed by
+(seed, shard index), so a recomputed shard has the same bytes.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+import potstill
+from potstill.data.order import keyed_generator
+from potstill.errors import UserError
+from potstill.store.manifest import (DEFAULT_K, MANIFEST, HeldOut, Manifest, ShardInfo, bytes_per_token, ids_dtype,
+                                     load_manifest, save_manifest, settings_difference, sha256_file)
+from potstill.store.source import StoreSource
+from potstill.targets import sample, topk
+
+LOG_FLOOR = -1e4  # log-probs are clamped here so that 0 * log 0 stays 0 in fp16 (exp(-1e4) == 0)
+
+
+def encode_ids(ids: Tensor, dtype: str) -> Tensor:
+    """Long ids as int32, or as the int16 bit pattern of uint16 (V <= 65,536)."""
+    if dtype == "int32":
+        return ids.to(torch.int32)
+    return torch.where(ids >= 32768, ids - 65536, ids).to(torch.int16)
+
+
+def encode_targets(logits: Tensor, manifest: Manifest, generator: torch.Generator | None) -> dict[str, Tensor]:
+    """One sub-batch of training targets in the store's format (see docs/store.md)."""
+    fmt, k, temperature = manifest.format, manifest.k, manifest.temperature
+    if manifest.task == "classification":
+        return {"logits": logits.float()}
+    if fmt == "dense":
+        return {"log_probs": torch.log_softmax(logits / temperature, dim=-1).clamp(min=LOG_FLOOR).half()}
+    if fmt == "topk":
+        t = topk(logits, k, temperature=temperature)
+        return {"ids": encode_ids(t.ids, manifest.ids_dtype), "log_probs": t.weights.log().clamp(min=LOG_FLOOR).half(),
+                "tail": t.tail.half(), "entropy": t.entropy.half()}
+    t = sample(logits, k, temperature=temperature, generator=generator)
+    return {"ids": encode_ids(t.ids, manifest.ids_dtype), "counts": (t.weights * k).round().to(torch.uint8),
+            "entropy": t.entropy.half()}
+
+
+def _write_shard(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> int:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.chmod(tmp, 0o644)  # safetensors creates 0600 files; a store is meant to be shared
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    return path.stat().st_size
+
+
+def new_manifest(source: StoreSource, *, fmt: str, k: int | None, temperature: float, seed: int,
+                 shard_size: int, eval_targets: str) -> Manifest:
+    """The manifest a build with these settings starts from (no shards yet); validates the settings."""
+    if source.task == "classification":
+        if fmt != "dense":
+            raise UserError(f"--format {fmt}: classification stores keep the teacher's raw logits (--format dense); "
+                            "sparse formats are for language models")
+        if k is not None:
+            raise UserError("--k applies to --format topk or sampled, not to a classification store")
+        temperature = 1.0  # raw logits serve any KD temperature
+    elif fmt == "dense":
+        if k is not None:
+            raise UserError("--k applies to --format topk or sampled, not to dense")
+    else:
+        k = DEFAULT_K[fmt] if k is None else k
+        limit = 255 if fmt == "sampled" else source.vocab_size
+        if not 1 <= k <= limit:
+            raise UserError(f"--k must be in [1, {limit}] for --format {fmt} (got {k})")
+    if temperature <= 0:
+        raise UserError(f"--temperature must be > 0 (got {temperature})")
+    if shard_size < 1:
+        raise UserError(f"--shard-size must be >= 1 (got {shard_size})")
+    lm = source.task == "lm"
+    held = None
+    if eval_targets == "dense":
+        held = HeldOut(dtype="float16" if lm else "float32", num_examples=source.heldout_examples,
+                       dataset_fingerprint=source.heldout_fingerprint)
+    return Manifest(
+        task=source.task, recipe=source.recipe, format=fmt, k=k, temperature=float(temperature), seed=seed,
+        dtype="float16" if lm else "float32", ids_dtype=ids_dtype(source.vocab_size) if fmt != "dense" else None,
+        vocab_size=source.vocab_size, seq_len=source.seq_len, num_examples=source.num_examples,
+        shard_size=shard_size, bytes_per_token=bytes_per_token(source.task, fmt, k, source.vocab_size),
+        teacher=source.teacher, tokenizer_sha256=source.tokenizer_sha256,
+        dataset_fingerprint=source.dataset_fingerprint, held_out=held, teacher_responses=source.teacher_responses,
+        created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), potstill_version=potstill.__version__)
+
+
+def _verified(folder: Path, shards: list[ShardInfo], warn: Callable[[str], None]) -> list[ShardInfo]:
+    good = []
+    for shard in shards:
+        path = folder / shard.file
+        if not path.exists():
+            warn(f"shard {shard.file} is missing; recomputing it")
+        elif path.stat().st_size != shard.bytes or sha256_file(path) != shard.sha256:
+            warn(f"shard {shard.file} is corrupt (sha256 mismatch); recomputing it")
+        else:
+            good.append(shard)
+    return good
+
+
+def _open_folder(folder: Path, new: Manifest, warn: Callable[[str], None]) -> Manifest:
+    old = load_manifest(folder)
+    if old is None:
+        if folder.exists() and any(not p.name.startswith(".") for p in folder.iterdir()):
+            raise UserError(f"{folder} exists and is neither empty nor a teacher store; choose another --out")
+        folder.mkdir(parents=True, exist_ok=True)
+        return new
+    difference = settings_difference(old, new)
+    if difference:
+        raise UserError(f"{folder} already holds a teacher store built with other settings ({difference}); "
+                        "a store is never overwritten: choose another --out")
+    for stale in folder.glob(".*.tmp-*"):  # left by a killed run
+        stale.unlink(missing_ok=True)
+    manifest = old.model_copy(update={"recipe": new.recipe, "teacher": new.teacher})
+    manifest.shards = _verified(folder, old.shards, warn)
+    if manifest.held_out is not None:
+        manifest.held_out.shards = _verified(folder, old.held_out.shards, warn)
+    return manifest
+
+
+def build_store(source: StoreSource, folder: Path, *, fmt: str, k: int | None, temperature: float, seed: int,
+                shard_size: int, eval_targets: str = "dense", warn: Callable[[str], None] = print,
+                on_shard: Callable[[int, int], None] | None = None) -> tuple[Manifest, int]:
+    """Write (or finish) the store in ``folder``; returns (manifest, shards computed by this call)."""
+    folder = Path(folder)
+    manifest = _open_folder(folder, new_manifest(source, fmt=fmt, k=k, temperature=temperature, seed=seed,
+                                                 shard_size=shard_size, eval_targets=eval_targets), warn)
+    complete = (len(manifest.shards) == manifest.num_shards()
+                and (manifest.held_out is None or len(manifest.held_out.shards) == manifest.num_heldout_shards()))
+    if complete and manifest.complete:
+        return manifest, 0
+    manifest.complete = False
+    save_manifest(folder, manifest)
+    total = manifest.num_shards() + manifest.num_heldout_shards()
+    done_train = {s.first // shard_size for s in manifest.shards}
+    done_held = {s.first // shard_size for s in manifest.held_out.shards} if manifest.held_out else set()
+    computed = 0
+    if on_shard:
+        on_shard(len(done_train) + len(done_held), total)
+    for index in range(manifest.num_shards()):
+        if index in done_train:
+            continue
+        first, stop = index * shard_size, min((index + 1) * shard_size, manifest.num_examples)
+        generator = keyed_generator(seed, index, 7) if fmt == "sampled" else None
+        parts = [encode_targets(source.logits("train", s, min(s + source.batch_size, stop)), manifest, generator)
+                 for s in range(first, stop, source.batch_size)]
+        tensors = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+        manifest.shards = sorted(manifest.shards + [_shard(folder, f"train-{index:05d}.safetensors", first, stop,
+                                                           tensors, manifest)], key=lambda s: s.first)
+        save_manifest(folder, manifest)
+        computed += 1
+        done_train.add(index)
+        if on_shard:
+            on_shard(len(done_train) + len(done_held), total)
+    for index in range(manifest.num_heldout_shards()):
+        if index in done_held:
+            continue
+        first, stop = index * shard_size, min((index + 1) * shard_size, manifest.held_out.num_examples)
+        tensors = _heldout_tensors(source, first, stop)
+        manifest.held_out.shards = sorted(manifest.held_out.shards + [
+            _shard(folder, f"heldout-{index:05d}.safetensors", first, stop, tensors, manifest)], key=lambda s: s.first)
+        save_manifest(folder, manifest)
+        computed += 1
+        done_held.add(index)
+        if on_shard:
+            on_shard(len(done_train) + len(done_held), total)
+    if manifest.teacher_report is None or computed:
+        manifest.teacher_report = source.teacher_report()
+    manifest.complete = True
+    save_manifest(folder, manifest)
+    return manifest, computed
+
+
+def _shard(folder: Path, name: str, first: int, stop: int, tensors: dict[str, Tensor], manifest: Manifest) -> ShardInfo:
+    size = _write_shard(folder / name, tensors, {"format": manifest.format, "first": str(first),
+                                                 "count": str(stop - first)})
+    return ShardInfo(file=name, first=first, count=stop - first, sha256=sha256_file(folder / name), bytes=size)
+
+
+def _heldout_tensors(source: StoreSource, first: int, stop: int) -> dict[str, Tensor]:
+    """Test-split targets at T=1: LM fp16 log-probs and the exact argmax of the rows that predict a
+    label (with per-sequence row offsets); classification fp32 logits."""
+    if source.task == "classification":
+        return {"logits": torch.cat([source.logits("test", s, min(s + source.batch_size, stop))
+                                     for s in range(first, stop, source.batch_size)])}
+    rows, argmax, counts = [], [], []
+    for s in range(first, stop, source.batch_size):
+        e = min(s + source.batch_size, stop)
+        mask = source.heldout_mask(s, e)
+        logits = source.logits("test", s, e)[:, :-1][mask]
+        rows.append(torch.log_softmax(logits, dim=-1).clamp(min=LOG_FLOOR).half())
+        argmax.append(logits.argmax(dim=-1))  # exact, where fp16 rounding could tie the top two
+        counts.append(mask.sum(dim=1))
+    counts = torch.cat(counts)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
+    return {"log_probs": torch.cat(rows), "argmax": torch.cat(argmax), "offsets": offsets}
+
+
+__all__ = ["build_store", "encode_targets", "encode_ids", "new_manifest", "MANIFEST"]
