@@ -87,7 +87,9 @@ class SparseTargets:
 def _log_probabilities(teacher_logits: Tensor, temperature: float) -> Tensor:
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    return torch.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    # float32 at least, float64 kept (as in potstill.losses.divergences)
+    dtype = torch.float64 if teacher_logits.dtype == torch.float64 else torch.float32
+    return torch.log_softmax(teacher_logits.detach().to(dtype) / temperature, dim=-1)
 
 
 def _entropy(log_probs: Tensor) -> Tensor:
@@ -111,8 +113,8 @@ def sample(teacher_logits: Tensor, k: int, *, temperature: float = 1.0,
     slot = first.long().cumsum(dim=-1) - 1  # distinct-id index of each draw
     ids = draws[:, :1].expand(-1, k).clone()  # unused slots repeat the first id (weight 0)
     ids.scatter_(1, slot, draws)
-    weights = torch.zeros(draws.shape, dtype=torch.float32, device=draws.device)
-    weights.scatter_add_(1, slot, torch.full(draws.shape, 1.0 / k, device=draws.device))
+    weights = torch.zeros(draws.shape, dtype=log_probs.dtype, device=draws.device)
+    weights.scatter_add_(1, slot, torch.full(draws.shape, 1.0 / k, dtype=log_probs.dtype, device=draws.device))
     return SparseTargets(ids.reshape(*lead, k), weights.reshape(*lead, k), "sampled", None, float(temperature),
                          _entropy(log_probs))
 

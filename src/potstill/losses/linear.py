@@ -50,6 +50,34 @@ Gradients w.r.t. the chunk logits come from one of two paths:
 Rows that contribute nothing (masked out for the KD term *and* ignored by the CE term) are skipped
 entirely: no logits are computed for them and their ``grad_hidden`` rows are zero.
 
+Sparse teacher targets
+----------------------
+Instead of a teacher model, the teacher side can be a :class:`potstill.targets.SparseTargets`
+(``teacher_targets=``): ``k`` ids and weights per position, as an offline store keeps them. No
+teacher GEMM runs; each chunk computes only the student logits, and the teacher side is gathered
+at the ``k`` ids. With ``u = z / T``, ``q = softmax(u)``, weights ``w_j`` at ids ``i_j``:
+
+* ``kind="sampled"`` (``k`` draws from ``p``, ``w_j = count / k``; see :func:`potstill.targets.sample`):
+  the per-position value is the cross-entropy to the sparse target ``-sum_j w_j log q(i_j)``, minus
+  the teacher entropy ``H(p)`` when ``targets.entropy`` is given. Its gradient
+  ``dL/du = (sum_j w_j) q - scatter(w)`` is linear in the target and ``E[scatter(w)] = p``, so value
+  (with the entropy) and gradient are unbiased estimates of forward KL(p || q) and its gradient.
+  Only ``forward_kl`` is accepted: every other divergence is non-linear in ``p``, and plugging a
+  sampled ``p`` into it is biased. Cost: one GEMM for the logits, a softmax, and the two gradient
+  GEMMs, as in :func:`potstill.losses.linear_ce.linear_cross_entropy`.
+* ``kind="topk"`` (the teacher's ``k`` most probable ids, their probabilities and the ``tail``
+  mass; see :func:`potstill.targets.topk`): the divergence is applied to the coarse ``(k + 1)``-bucket
+  distributions, teacher ``[w_1 .. w_k, tail]`` and student ``[q(i_1) .. q(i_k), 1 - sum_j q(i_j)]``.
+  The student's tail is taken as a logsumexp of ``log q`` over the entries outside the top ``k``
+  (``1 - sum`` would cancel catastrophically when the tail is small); empty or zero tails count
+  ``0 log 0 = 0``. Every entry of ``PER_POSITION`` is defined on these bucket distributions; with
+  ``k = V`` (tail 0) the result is the dense divergence. For ``k < V`` it is **biased**: the
+  teacher's tail is one bucket, so the student is only asked to match the tail's total mass, not
+  its shape (a coarser target than ``p``, not a noisy estimate of it: averaging does not remove
+  the difference). Forward KL has a closed form (``dL/du_v = W q_v - w_j`` for ``v = i_j`` and
+  ``W q_v - tail * q_v / Q_tail`` elsewhere, ``W = sum_j w_j + tail``); the other divergences run
+  the generic autograd path on the chunk. Top-k ids are assumed distinct (as ``topk`` returns them).
+
 Chunk size
 ----------
 ``chunk_size=None`` picks ``chunk_size = max(1, CHUNK_BUDGET_BYTES // (V * itemsize))`` rows
@@ -57,8 +85,9 @@ Chunk size
 larger than 8, so that one side's chunk logits take at most :data:`CHUNK_BUDGET_BYTES` = 128 MiB
 (128 rows at V = 262,144 in float32; 682 -> 680 rows at V = 49,152). The closed-form paths keep
 four (forward/reverse KL: both sides' log-probs and probs) or five (JSD: + log m) such buffers
-alive, plus one for CE at ``T != 1``; the generic path keeps the autograd intermediates of one
-chunk (about ten buffers). On a 2-core CPU at V = 262,144, 128-row chunks ran ~20% faster than
+alive, plus one for CE at ``T != 1``; sparse targets (sampled, or top-k with forward KL) keep two
+(the student's log-probs and probs), plus one for CE at ``T != 1``; the generic path keeps the
+autograd intermediates of one chunk (about ten buffers). On a 2-core CPU at V = 262,144, 128-row chunks ran ~20% faster than
 64-row chunks (GEMMs with few rows are less efficient, and ``grad_head += g.T @ h`` re-reads the
 ``V x H`` accumulator once per chunk) and no slower than 256-row chunks.
 
@@ -70,6 +99,7 @@ accumulated in float32 and cast back to the head's dtype at the end.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -79,6 +109,7 @@ from torch import Tensor
 
 from potstill.losses import divergences as _div
 from potstill.losses.divergences import PER_POSITION
+from potstill.targets import SparseTargets
 
 __all__ = ["linear_divergence", "linear_divergence_parts", "default_chunk_size", "CHUNK_BUDGET_BYTES"]
 
@@ -176,6 +207,57 @@ _CLOSED_FORM: dict[str, _ClosedForm] = {
 
 
 # ---------------------------------------------------------------------------------------------
+# sparse-target kernels. Inputs: log_q [n, V] (owned, overwritten), q [n, V] (kept intact), the
+# chunk's SparseTargets (ids long, float tensors in the compute dtype). Same output convention as
+# the closed-form kernels above.
+# ---------------------------------------------------------------------------------------------
+
+
+def _sampled_kernel(log_q: Tensor, q: Tensor, target: SparseTargets, want_grad: bool):
+    ids, w = target.ids, target.weights
+    # weight-0 padding slots must contribute exactly nothing, even where log q is -inf
+    value = -torch.where(w != 0, w * log_q.gather(1, ids), 0).sum(dim=-1)
+    if target.entropy is not None:
+        value = value - target.entropy  # CE(p_hat, q) - H(p): an unbiased estimate of KL(p || q)
+    if not want_grad:
+        return value, None
+    g = torch.mul(q, w.sum(dim=-1, keepdim=True), out=log_q)
+    return value, g.scatter_add_(1, ids, -w)  # (sum w) q - scatter(w)
+
+
+def _topk_forward_kl_kernel(log_q: Tensor, q: Tensor, target: SparseTargets, want_grad: bool):
+    ids, w, tail = target.ids, target.weights, target.tail
+    log_q_top = log_q.gather(1, ids)
+    # the student's tail: logsumexp of log q over the entries outside the top k, in place
+    others = log_q.scatter_(1, ids, float("-inf"))
+    top = others.amax(dim=-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, 0)  # k = V: nothing outside, the tail is exactly 0
+    scaled = others.sub_(top).exp_()  # q_v / exp(top) outside the top k, 0 inside
+    total = scaled.sum(dim=-1)
+    log_q_tail = top.squeeze(1) + total.log()
+    value = torch.where(w > 0, w * (w.log() - log_q_top), 0).sum(dim=-1)
+    value = value + torch.where(tail > 0, tail * (tail.log() - log_q_tail), 0)
+    if not want_grad:
+        return value, None
+    # outside the top k: W q_v - tail * q_v / Q_tail, with q_v / Q_tail = scaled_v / total <= 1
+    other_coef = torch.where(total > 0, -tail / total, 0)
+    g = scaled.mul_(other_coef.unsqueeze(1)).addcmul_(q, (w.sum(dim=-1) + tail).unsqueeze(1))
+    return value, g.scatter_add_(1, ids, -w)  # inside: W q_v - w_j
+
+
+def _coarse_log_probs(log_q: Tensor, target: SparseTargets) -> tuple[Tensor, Tensor]:
+    """(student, teacher) log-probabilities of the k + 1 buckets [top-k ids..., everything else]."""
+    top = log_q.gather(1, target.ids)
+    others = log_q.scatter(1, target.ids, float("-inf"))
+    # rows with no finite entry outside the top k have tail 0; a logsumexp over only -inf entries
+    # would give the right value but a NaN gradient, so such rows go through a finite placeholder
+    empty = torch.isneginf(others).all(dim=-1, keepdim=True)
+    tail = torch.logsumexp(others.masked_fill(empty, 0.0), dim=-1, keepdim=True).masked_fill(empty, float("-inf"))
+    teacher = torch.cat([target.weights, target.tail.unsqueeze(1)], dim=1).log()
+    return torch.cat([top, tail], dim=1), teacher
+
+
+# ---------------------------------------------------------------------------------------------
 # the autograd Function
 # ---------------------------------------------------------------------------------------------
 
@@ -190,6 +272,7 @@ class _Config:
     teacher_head: Tensor | None
     teacher_bias: Tensor | None
     teacher_logits: Tensor | None
+    teacher_targets: SparseTargets | None  # [N, k], on the student's device, compute dtype
     kd_mask: Tensor  # [N] bool
     kd_denom: float
     ce_weight: float
@@ -254,8 +337,9 @@ def _run(h: Tensor, w: Tensor, b: Tensor | None, cfg: _Config):
     hc = h.detach().to(cd)
     wc = w.detach().to(cd)
     bc = b.detach().to(cd) if b is not None else None
+    sparse = cfg.teacher_targets
     teacher_from_logits = cfg.teacher_logits is not None
-    if not teacher_from_logits:
+    if sparse is None and not teacher_from_logits:
         th = cfg.teacher_hidden.to(cd)
         tw = cfg.teacher_head.to(cd)
         tb = cfg.teacher_bias.to(cd) if cfg.teacher_bias is not None else None
@@ -278,10 +362,23 @@ def _run(h: Tensor, w: Tensor, b: Tensor | None, cfg: _Config):
     closed = _CLOSED_FORM.get(cfg.divergence)
     if closed is not None and closed.per_position is not fn:
         closed = None  # the registry entry was replaced: use the generic path
+    if sparse is not None:
+        # sampled targets always take the cross-entropy kernel (the caller checked for forward KL);
+        # top-k targets have a closed form for forward KL only
+        if sparse.kind == "sampled":
+            closed = _ClosedForm(fn, _sampled_kernel, 0)
+        elif closed is not None and cfg.divergence == "forward_kl":
+            closed = _ClosedForm(fn, _topk_forward_kl_kernel, 0)
+        else:
+            closed = None
+    can_fall_back = sparse is None or sparse.kind == "topk"
     ce_needs_extra = use_ce and T != 1.0
 
     chunk = max(1, min(cfg.chunk_size, max(n_active, 1)))
-    n_bufs = 2 + ((2 + closed.n_spare + (1 if ce_needs_extra else 0)) if closed is not None else 0)
+    teacher_bufs = 0 if sparse is not None else 1  # sparse targets need no teacher logits nor p
+    n_bufs = 1 + teacher_bufs
+    if closed is not None:
+        n_bufs += 1 + teacher_bufs + closed.n_spare + (1 if ce_needs_extra else 0)
     # flat storage, viewed per chunk as [n, V] (see _chunk_view for the layout)
     flats = [torch.empty(chunk * vocab, dtype=cd, device=dev) for _ in range(n_bufs)] if n_active else []
 
@@ -302,13 +399,13 @@ def _run(h: Tensor, w: Tensor, b: Tensor | None, cfg: _Config):
         else:
             torch.addmm(bias, x, weight.t(), out=out)
 
-    def logits_into(s_out: Tensor, t_out: Tensor, start: int, stop: int, rows: Tensor | None):
+    def logits_into(s_out: Tensor, t_out: Tensor | None, start: int, stop: int, rows: Tensor | None):
         hs = hc[start:stop] if rows is None else hc.index_select(0, rows)
         gemm_into(s_out, hs, wc, bc)
         if teacher_from_logits:
             src = cfg.teacher_logits[start:stop] if rows is None else cfg.teacher_logits.index_select(0, rows)
             t_out.copy_(src)
-        else:
+        elif sparse is None:  # sparse targets are gathered by the kernels: no teacher logits at all
             ths = th[start:stop] if rows is None else th.index_select(0, rows)
             gemm_into(t_out, ths, tw, tb)
         return hs
@@ -319,10 +416,11 @@ def _run(h: Tensor, w: Tensor, b: Tensor | None, cfg: _Config):
         rows = None if all_active else idx[start:stop]
         s_lo = start if all_active else None
         views = [_chunk_view(f, n, vocab) for f in flats]
-        zs, zt, spares = views[0], views[1], views[2:]
+        zs, zt, spares = views[0], (views[1] if teacher_bufs else None), views[1 + teacher_bufs:]
         hs = logits_into(zs, zt, start, stop, rows)
 
         sel = (lambda x: x[start:stop]) if all_active else (lambda x: x.index_select(0, rows))
+        target = None if sparse is None else sparse[start:stop] if all_active else sparse[rows]
         kd_rows = sel(kd_mask)
         kd_coef = kd_rows.to(cd) * inv_kd
         if use_ce:
@@ -333,9 +431,9 @@ def _run(h: Tensor, w: Tensor, b: Tensor | None, cfg: _Config):
         result = None
         if closed is not None:
             result = _closed_chunk(zs, zt, spares, closed, cfg.kwargs, T, want_grad,
-                                   kd_coef, lab if use_ce else None, ce_coef if use_ce else None)
-            if result is not None:
-                kd_vals, ce_vals, g = result
+                                   kd_coef, lab if use_ce else None, ce_coef if use_ce else None, target)
+            kd_vals, ce_vals, g = result
+            if can_fall_back:  # the sampled kernel has no generic counterpart
                 ok = bool(torch.isfinite(torch.where(kd_rows, kd_vals, 0)).all())
                 if use_ce:
                     ok = ok and bool(torch.isfinite(torch.where(ce_rows, ce_vals, 0)).all())
@@ -345,7 +443,7 @@ def _run(h: Tensor, w: Tensor, b: Tensor | None, cfg: _Config):
         if result is None:
             kd_vals, ce_vals, g = _generic_chunk(zs, zt, fn, cfg.kwargs, T, want_grad, kd_rows, kd_coef,
                                                  lab if use_ce else None, ce_rows if use_ce else None,
-                                                 ce_coef if use_ce else None)
+                                                 ce_coef if use_ce else None, target)
 
         kd_sum += torch.where(kd_rows, kd_vals, 0).sum()
         if use_ce:
@@ -377,13 +475,17 @@ def _run(h: Tensor, w: Tensor, b: Tensor | None, cfg: _Config):
     return total, grads
 
 
-def _closed_chunk(zs: Tensor, zt: Tensor, spares: list[Tensor], closed: _ClosedForm, kwargs: dict, T: float,
-                  want_grad: bool, kd_coef: Tensor, lab: Tensor | None, ce_coef: Tensor | None):
-    """spares: 2 (q, p) + closed.n_spare (+ 1 for CE at T != 1) buffers of zs's shape."""
+def _closed_chunk(zs: Tensor, zt: Tensor | None, spares: list[Tensor], closed: _ClosedForm, kwargs: dict,
+                  T: float, want_grad: bool, kd_coef: Tensor, lab: Tensor | None, ce_coef: Tensor | None,
+                  target: SparseTargets | None = None):
+    """spares: q, then p unless ``target`` (sparse teacher) is given, closed.n_spare scratch buffers,
+    and one more for CE at T != 1, all of zs's shape."""
     use_ce = lab is not None
     ce_vals = None
     q1 = None
-    q, p, spares = spares[0], spares[1], spares[2:]
+    q, spares = spares[0], spares[1:]
+    if target is None:
+        p, spares = spares[0], spares[1:]
     if use_ce and T != 1.0:
         # CE is at T = 1: take it (and its softmax) before the logits are rescaled in place
         q1 = spares[-1]
@@ -396,12 +498,16 @@ def _closed_chunk(zs: Tensor, zt: Tensor, spares: list[Tensor], closed: _ClosedF
         q1.div_(total)
     if T != 1.0:
         zs.div_(T)
-        zt.div_(T)
     _log_softmax_(zs, q)
-    _log_softmax_(zt, p)
     if use_ce and T == 1.0:
         ce_vals = -zs.gather(1, lab.unsqueeze(1)).squeeze(1)
-    value, g = closed.kernel(zs, zt, q, p, spares, want_grad, **kwargs)
+    if target is None:
+        if T != 1.0:
+            zt.div_(T)
+        _log_softmax_(zt, p)
+        value, g = closed.kernel(zs, zt, q, p, spares, want_grad, **kwargs)
+    else:
+        value, g = closed.kernel(zs, q, target, want_grad)
     if not want_grad:
         return value, ce_vals, None
     g.mul_((kd_coef / T).unsqueeze(1))
@@ -411,14 +517,17 @@ def _closed_chunk(zs: Tensor, zt: Tensor, spares: list[Tensor], closed: _ClosedF
     return value, ce_vals, g
 
 
-def _generic_chunk(zs: Tensor, zt: Tensor, fn: Callable[..., Tensor], kwargs: dict, T: float, want_grad: bool,
-                   kd_rows: Tensor, kd_coef: Tensor, lab: Tensor | None, ce_rows: Tensor | None,
-                   ce_coef: Tensor | None):
+def _generic_chunk(zs: Tensor, zt: Tensor | None, fn: Callable[..., Tensor], kwargs: dict, T: float,
+                   want_grad: bool, kd_rows: Tensor, kd_coef: Tensor, lab: Tensor | None, ce_rows: Tensor | None,
+                   ce_coef: Tensor | None, target: SparseTargets | None = None):
+    """``target`` (top-k sparse teacher): ``fn`` compares the (k + 1)-bucket distributions."""
     with torch.enable_grad() if want_grad else torch.no_grad():
         s = zs.detach().requires_grad_(want_grad)
         log_q = torch.log_softmax(s / T, dim=-1)
-        log_p = torch.log_softmax(zt / T, dim=-1)
-        per = fn(log_q, log_p, **kwargs)
+        if target is None:
+            per = fn(log_q, torch.log_softmax(zt / T, dim=-1), **kwargs)
+        else:
+            per = fn(*_coarse_log_probs(log_q, target), **kwargs)
         objective = (torch.where(kd_rows, per, 0) * kd_coef).sum()
         ce_vals = None
         if lab is not None:
@@ -447,6 +556,7 @@ def linear_divergence(
     student_bias: Tensor | None = None,
     teacher_bias: Tensor | None = None,
     teacher_logits: Tensor | None = None,
+    teacher_targets: SparseTargets | None = None,
     ce_weight: float = 0.0,
     labels: Tensor | None = None,
     ignore_index: int = -100,
@@ -470,6 +580,15 @@ def linear_divergence(
         chunk_size: rows per chunk; ``None`` -> :func:`default_chunk_size` (128 MiB per side).
         student_bias, teacher_bias: optional ``[V]`` LM-head biases.
         teacher_logits: ``[..., V]`` precomputed teacher logits, instead of teacher hidden + head.
+        teacher_targets: sparse teacher targets ``[..., k]`` (:class:`potstill.targets.SparseTargets`,
+            e.g. from an offline store), instead of teacher hidden + head or logits. Their
+            ``temperature`` must equal ``temperature``. ``kind="sampled"`` (unbiased): only
+            ``divergence="forward_kl"``; the value is the cross-entropy to the sampled target,
+            minus ``targets.entropy`` when given (then an unbiased estimate of KL(p || q)), and the
+            gradient is an unbiased estimate of the dense forward-KL gradient. ``kind="topk"``
+            (biased for ``k < V``): any divergence, applied to the ``(k + 1)``-bucket
+            distributions ``[top-k probabilities, tail]``; equal to the dense one for ``k = V``.
+            See the module docstring ("Sparse teacher targets").
         ce_weight: weight of the fused hard-label cross-entropy (computed at temperature 1).
         labels: ``[...]`` long targets for the CE term (and for the default mask).
         ignore_index: label value excluded from CE (and from the default mask).
@@ -484,9 +603,10 @@ def linear_divergence(
     Returns:
         the scalar ``kd + ce_weight * ce`` (and the parts dict if ``return_parts``).
 
-    The value and gradients equal those of the dense computation (see the module docstring);
-    masked rows are skipped and receive zero gradient. Gradients are returned in the input dtypes;
-    all arithmetic on logits is in float32 (float64 for float64 inputs).
+    With a dense teacher (hidden + head, or logits) the value and gradients equal those of the
+    dense computation (see the module docstring). Masked rows are skipped and receive zero
+    gradient. Gradients are returned in the input dtypes; all arithmetic on logits is in float32
+    (float64 for float64 inputs).
     """
     if divergence not in PER_POSITION:
         raise ValueError(f"unknown divergence {divergence!r}; choose from {sorted(PER_POSITION)}")
@@ -505,7 +625,15 @@ def linear_divergence(
     if student_bias is not None and student_bias.shape != (vocab,):
         raise ValueError(f"student_bias must be [{vocab}], got {tuple(student_bias.shape)}")
 
-    if teacher_logits is not None:
+    targets = None
+    if teacher_targets is not None:
+        if teacher_logits is not None or teacher_hidden is not None or teacher_head is not None:
+            raise ValueError("pass one teacher source: teacher_targets, teacher_logits or teacher_hidden + "
+                             "teacher_head, not several")
+        targets = _checked_targets(teacher_targets, lead, vocab, temperature, divergence, h.device,
+                                   _compute_dtype(h))
+        t_logits = t_hidden = t_head = None
+    elif teacher_logits is not None:
         if teacher_hidden is not None or teacher_head is not None:
             raise ValueError("pass either teacher_logits or teacher_hidden + teacher_head, not both")
         if teacher_logits.shape != (*lead, vocab):
@@ -514,7 +642,7 @@ def linear_divergence(
         t_hidden = t_head = None
     else:
         if teacher_hidden is None or teacher_head is None:
-            raise ValueError("pass teacher_hidden and teacher_head, or teacher_logits")
+            raise ValueError("pass teacher_hidden and teacher_head, teacher_logits, or teacher_targets")
         if teacher_head.dim() != 2 or teacher_head.shape[0] != vocab:
             raise ValueError(f"teacher_head {tuple(teacher_head.shape)} must be [{vocab}, Ht] (same vocabulary)")
         if teacher_hidden.shape[:-1] != lead or teacher_hidden.shape[-1] != teacher_head.shape[1]:
@@ -523,7 +651,7 @@ def linear_divergence(
         t_hidden = teacher_hidden.detach().reshape(n_rows, -1)
         t_head = teacher_head.detach()
     if teacher_bias is not None:
-        if teacher_logits is not None:
+        if teacher_logits is not None or teacher_targets is not None:
             raise ValueError("teacher_bias only applies with teacher_hidden + teacher_head")
         if teacher_bias.shape != (vocab,):
             raise ValueError(f"teacher_bias must be [{vocab}], got {tuple(teacher_bias.shape)}")
@@ -575,13 +703,33 @@ def linear_divergence(
     cfg = _Config(
         divergence=divergence, kwargs=dict(divergence_kwargs), temperature=temperature,
         chunk_size=int(chunk_size), teacher_hidden=t_hidden, teacher_head=t_head, teacher_bias=teacher_bias,
-        teacher_logits=t_logits, kd_mask=kd_mask, kd_denom=kd_denom, ce_weight=ce_weight,
+        teacher_logits=t_logits, teacher_targets=targets, kd_mask=kd_mask, kd_denom=kd_denom, ce_weight=ce_weight,
         labels=flat_labels, ce_valid=ce_valid, ce_denom=ce_denom, needs=needs,
     )
     loss = _LinearDivergenceFn.apply(h, student_head, student_bias, cfg)
     if return_parts:
         return loss, dict(cfg.parts)
     return loss
+
+
+def _checked_targets(targets: SparseTargets, lead: torch.Size, vocab: int, temperature: float, divergence: str,
+                     device: torch.device, dtype: torch.dtype) -> SparseTargets:
+    """Validate sparse targets against the call and flatten them to [N, k] on the student's device."""
+    if not isinstance(targets, SparseTargets):
+        raise TypeError(f"teacher_targets must be potstill.targets.SparseTargets, got {type(targets).__name__}")
+    if targets.ids.shape[:-1] != lead:
+        raise ValueError(f"teacher_targets positions {tuple(targets.ids.shape[:-1])} must be {tuple(lead)} "
+                         "(the leading dims of student_hidden)")
+    if not math.isclose(float(targets.temperature), temperature, rel_tol=1e-9):
+        raise ValueError(f"teacher_targets were taken at temperature {targets.temperature}, but the loss uses "
+                         f"temperature {temperature}: the sparse teacher distribution would not be p")
+    if targets.kind == "sampled" and divergence != "forward_kl":
+        raise ValueError(f"sampled targets are unbiased only for losses linear in the target, i.e. forward KL "
+                         f"(cross-entropy); got divergence {divergence!r}. Use top-k targets, or a dense teacher")
+    if targets.ids.numel() and (int(targets.ids.min()) < 0 or int(targets.ids.max()) >= vocab):
+        raise ValueError(f"teacher_targets ids must be in [0, {vocab})")
+    flat = targets.reshape(int(math.prod(lead))).to(device, dtype)
+    return dataclasses.replace(flat, ids=flat.ids.long())  # stores may keep narrower ids; gather wants int64
 
 
 def linear_divergence_parts(*args, **kwargs) -> dict:

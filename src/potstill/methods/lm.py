@@ -6,7 +6,8 @@ generalized JSD as in GKD, skew KL as in DistiLLM, TVD). ``lm_ce``: the CE-only 
 Both go through the chunked engine (``linear_divergence`` / ``linear_cross_entropy``), so no
 [tokens x vocab] tensor is ever built, and both
 normalise by the target tokens of the whole optimizer step (``batch["num_items"]``), so
-gradient accumulation does not change the objective.
+gradient accumulation does not change the objective. The teacher may give hidden states + LM
+head, sparse targets (top-k or sampled, e.g. from a store) or full logits.
 """
 
 from __future__ import annotations
@@ -21,13 +22,28 @@ from potstill.losses.linear import linear_divergence_parts
 from potstill.losses.linear_ce import linear_cross_entropy
 from potstill.methods.base import Method
 from potstill.models.hf import lm_hidden_and_head
+from potstill.targets import SparseTargets
+from potstill.teachers.base import TeacherOutput
 
 
-def shifted(batch: dict[str, Tensor], hidden: Tensor) -> tuple[Tensor, Tensor]:
-    """Rows that predict a target token: (hidden [n, H], labels [n]) with position t predicting t+1."""
+def shifted(batch: dict[str, Tensor], per_position: Tensor | SparseTargets):
+    """Rows that predict a target token: (per_position rows [n, ...], labels [n]) with position t
+    predicting t+1. ``per_position`` is [B, T, ...]: hidden states, logits or sparse targets."""
     labels = batch["labels"][:, 1:]
     keep = labels != -100
-    return hidden[:, :-1][keep], labels[keep]
+    return per_position[:, :-1][keep], labels[keep]
+
+
+def teacher_source(batch: dict[str, Tensor], target: TeacherOutput) -> dict:
+    """The teacher's rows, as the keyword arguments of ``linear_divergence`` that take them."""
+    if target.hidden is not None:
+        return {"teacher_hidden": shifted(batch, target.hidden)[0], "teacher_head": target.head,
+                "teacher_bias": target.head_bias}
+    if target.sparse is not None:
+        return {"teacher_targets": shifted(batch, target.sparse)[0]}
+    if target.logits is not None:
+        return {"teacher_logits": shifted(batch, target.logits)[0]}
+    raise ValueError("the LM teacher gave neither hidden states, sparse targets nor logits")
 
 
 class LMDistill(Method):
@@ -47,14 +63,13 @@ class LMDistill(Method):
         cfg = self.config
         hidden, head, bias = lm_hidden_and_head(self.student, batch["input_ids"], batch["attention_mask"])
         rows, labels = shifted(batch, hidden)
-        target = self.teacher.targets(batch)
-        teacher_rows, _ = shifted(batch, target.hidden)
+        teacher = teacher_source(batch, self.teacher.targets(batch))
         extra = {"beta": cfg.beta} if cfg.divergence == "jsd" else {}
         extra.update({"alpha": cfg.alpha} if cfg.divergence.startswith("skew") else {})
         parts = linear_divergence_parts(
-            rows, head, teacher_rows, target.head, student_bias=bias, teacher_bias=target.head_bias,
-            divergence=cfg.divergence, temperature=cfg.temperature, ce_weight=cfg.ce_weight / cfg.kd_weight,
-            labels=labels, num_items=batch["num_items"], chunk_size=cfg.chunk_size, **extra)
+            rows, head, **teacher, student_bias=bias, divergence=cfg.divergence, temperature=cfg.temperature,
+            ce_weight=cfg.ce_weight / cfg.kd_weight, labels=labels, num_items=batch["num_items"],
+            chunk_size=cfg.chunk_size, **extra)
         losses = {"objective": cfg.kd_weight * parts["loss"], "kd": cfg.kd_weight * parts["kd"]}
         if parts.get("ce") is not None:
             losses["ce"] = cfg.ce_weight * parts["ce"]
