@@ -76,7 +76,7 @@ def cache(
     from potstill.config import load_recipe
     from potstill.store.manifest import FORMATS
     from potstill.store.source import source_for
-    from potstill.store.writer import build_store
+    from potstill.store.writer import build_store, check_existing
 
     loaded = load_recipe(recipe, list(set_))
     fmt = format_ or ("sampled" if loaded.task == "lm" else "dense")
@@ -86,6 +86,9 @@ def cache(
         fail(f"--eval-targets must be dense or none (got '{eval_targets}')")
     if loaded.task == "classification" and temperature is not None:
         fail("--temperature: a classification store keeps the teacher's raw logits, which serve any KD temperature")
+    temperature = 1.0 if temperature is None else temperature
+    check_existing(out, task=loaded.task, fmt=fmt, k=k, temperature=temperature, seed=seed, shard_size=shard_size,
+                   eval_targets=eval_targets)
     if getattr(loaded, "threads", None):
         torch.set_num_threads(loaded.threads)
     columns = [TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
@@ -105,7 +108,7 @@ def cache(
         def warn(message: str) -> None:
             progress.console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
 
-        manifest, computed = build_store(source, out, fmt=fmt, k=k, temperature=1.0 if temperature is None else temperature,
+        manifest, computed = build_store(source, out, fmt=fmt, k=k, temperature=temperature,
                                          seed=seed, shard_size=shard_size, eval_targets=eval_targets, warn=warn,
                                          on_shard=on_shard)
     total = manifest.num_shards() + manifest.num_heldout_shards()

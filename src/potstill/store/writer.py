@@ -100,6 +100,26 @@ def new_manifest(source: StoreSource, *, fmt: str, k: int | None, temperature: f
         created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), potstill_version=potstill.__version__)
 
 
+def check_existing(folder: Path, *, task: str, fmt: str, k: int | None, temperature: float, seed: int,
+                   shard_size: int, eval_targets: str) -> None:
+    """Refuse at once (before the teacher runs) when ``folder`` holds a store with other basic settings."""
+    old = load_manifest(Path(folder))
+    if old is None:
+        return
+    if task == "classification":
+        temperature = 1.0
+    if fmt != "dense" and k is None:
+        k = DEFAULT_K[fmt]
+    mine = {"task": task, "format": fmt, "k": k, "temperature": float(temperature), "seed": seed,
+            "shard_size": shard_size, "held-out targets": "dense" if eval_targets == "dense" else "none"}
+    theirs = {**{key: getattr(old, key) for key in ("task", "format", "k", "temperature", "seed", "shard_size")},
+              "held-out targets": "dense" if old.held_out is not None else "none"}
+    for key, value in mine.items():
+        if theirs[key] != value:
+            raise UserError(f"{folder} already holds a teacher store built with other settings ({key} is "
+                            f"{theirs[key]!r} there, {value!r} here); a store is never overwritten: choose another --out")
+
+
 def _verified(folder: Path, shards: list[ShardInfo], warn: Callable[[str], None]) -> list[ShardInfo]:
     good = []
     for shard in shards:
@@ -211,4 +231,4 @@ def _heldout_tensors(source: StoreSource, first: int, stop: int) -> dict[str, Te
     return {"log_probs": torch.cat(rows), "argmax": torch.cat(argmax), "offsets": offsets}
 
 
-__all__ = ["build_store", "encode_targets", "encode_ids", "new_manifest", "MANIFEST"]
+__all__ = ["build_store", "check_existing", "encode_targets", "encode_ids", "new_manifest", "MANIFEST"]
