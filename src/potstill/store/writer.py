@@ -53,9 +53,10 @@ def encode_targets(logits: Tensor, manifest: Manifest, generator: torch.Generato
             "entropy": t.entropy.half()}
 
 
-def _write_shard(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> int:
+def _write_shard(path: Path, tensors: dict[str, Tensor]) -> int:
+    """Atomic, fsynced; no safetensors metadata (its key order varies between writes: bytes would too)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
     os.chmod(tmp, 0o644)  # safetensors creates 0600 files; a store is meant to be shared
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
@@ -207,8 +208,7 @@ def build_store(source: StoreSource, folder: Path, *, fmt: str, k: int | None, t
 
 
 def _shard(folder: Path, name: str, first: int, stop: int, tensors: dict[str, Tensor], manifest: Manifest) -> ShardInfo:
-    size = _write_shard(folder / name, tensors, {"format": manifest.format, "first": str(first),
-                                                 "count": str(stop - first)})
+    size = _write_shard(folder / name, tensors)
     return ShardInfo(file=name, first=first, count=stop - first, sha256=sha256_file(folder / name), bytes=size)
 
 
