@@ -15,7 +15,7 @@ checkpointing) and the same objective, KL(teacher || student) per target token a
   every step (decoder forward to hidden states; the loss goes chunk by chunk over the vocabulary).
 * ``potstill+precompute``: the same after ``LMTeacher.precompute`` over the training set (one epoch
   of the benchmark's steps); its time is reported separately and folded into amortised steps/s.
-* ``--chunk-size N`` adds both potstill rows with ``chunk_size=N`` (default: 680 rows at V = 49,152).
+* ``--chunk-size N`` adds both potstill rows with ``chunk_size=N`` (default: 168 rows at V = 49,152).
 
 One subprocess per configuration, one at a time (``--repeats``: rounds in rotated order, medians).
 Timed: end-of-step timestamps of steps ``warmup+1 .. warmup+steps``; one more untimed step keeps

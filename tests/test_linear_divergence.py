@@ -265,13 +265,16 @@ def test_bad_arguments():
 
 
 def test_default_chunk_size_budget():
-    assert default_chunk_size(262_144) == 128  # 128 MiB of float32 logits per side
-    assert default_chunk_size(262_144, itemsize=8) == 64
-    assert default_chunk_size(49_152) == 680
+    assert default_chunk_size(262_144) == 128  # the 128-row floor: 128 MiB of float32 logits per side
+    assert default_chunk_size(262_144, itemsize=8) == 64  # the floor is capped by MAX_CHUNK_BYTES
+    assert default_chunk_size(49_152) == 168  # 32 MiB budget: 170 rows, rounded down to a multiple of 8
+    assert default_chunk_size(512) == 16384
     assert default_chunk_size(262_144, n_rows=10) == 10
     assert default_chunk_size(10**9) == 1
-    for v in (1000, 32_000, 151_936, 262_144):
-        assert default_chunk_size(v) * v * 4 <= linear_mod.CHUNK_BUDGET_BYTES
+    for v in (1000, 32_000, 151_936, 262_144, 1_000_000):
+        rows = default_chunk_size(v)
+        assert rows * v * 4 <= linear_mod.MAX_CHUNK_BYTES
+        assert rows * v * 4 <= linear_mod.CHUNK_BUDGET_BYTES or rows <= linear_mod.MIN_CHUNK_ROWS
 
 
 # ---------------------------------------------------------------- memory property

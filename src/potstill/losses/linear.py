@@ -80,10 +80,12 @@ at the ``k`` ids. With ``u = z / T``, ``q = softmax(u)``, weights ``w_j`` at ids
 
 Chunk size
 ----------
-``chunk_size=None`` picks ``chunk_size = max(1, CHUNK_BUDGET_BYTES // (V * itemsize))`` rows
-(``itemsize`` = 4 for float32 compute, 8 for float64), rounded down to a multiple of 8 when
-larger than 8, so that one side's chunk logits take at most :data:`CHUNK_BUDGET_BYTES` = 128 MiB
-(128 rows at V = 262,144 in float32; 682 -> 680 rows at V = 49,152). The closed-form paths keep
+``chunk_size=None`` picks the rows whose logits fill :data:`CHUNK_BUDGET_BYTES` = 32 MiB per side
+(``itemsize`` = 4 for float32 compute, 8 for float64; rounded down to a multiple of 8), but never
+fewer than :data:`MIN_CHUNK_ROWS` = 128 rows as long as those fit in :data:`MAX_CHUNK_BYTES` =
+128 MiB: 168 rows at V = 49,152 and 128 rows at V = 262,144 in float32. Small chunks keep the
+engine's memory well below a dense loss's (the fixed part of training, weights + gradients +
+optimizer state, then dominates); below ~128 rows the GEMMs lose efficiency. The closed-form paths keep
 four (forward/reverse KL: both sides' log-probs and probs) or five (JSD: + log m) such buffers
 alive, plus one for CE at ``T != 1``; sparse targets (sampled, or top-k with forward KL) keep two
 (the student's log-probs and probs), plus one for CE at ``T != 1``; the generic path keeps the
@@ -111,15 +113,24 @@ from potstill.losses import divergences as _div
 from potstill.losses.divergences import PER_POSITION
 from potstill.targets import SparseTargets
 
-__all__ = ["linear_divergence", "linear_divergence_parts", "default_chunk_size", "CHUNK_BUDGET_BYTES"]
+__all__ = ["linear_divergence", "linear_divergence_parts", "default_chunk_size", "CHUNK_BUDGET_BYTES", "MIN_CHUNK_ROWS",
+           "MAX_CHUNK_BYTES"]
 
-CHUNK_BUDGET_BYTES = 128 * 2**20
-"""Default budget (bytes) for one side's chunk of logits: 128 MiB (128 rows at V = 262,144 in fp32)."""
+CHUNK_BUDGET_BYTES = 32 * 2**20
+"""Default budget (bytes) for one side's chunk of logits: 32 MiB (168 rows at V = 49,152 in fp32)."""
+MIN_CHUNK_ROWS = 128
+"""Rows per chunk the default does not go below (GEMM efficiency), within :data:`MAX_CHUNK_BYTES`."""
+MAX_CHUNK_BYTES = 128 * 2**20
+"""Hard cap (bytes) for one side's chunk of logits chosen by default (128 rows at V = 262,144)."""
 
 
 def default_chunk_size(vocab_size: int, n_rows: int | None = None, itemsize: int = 4) -> int:
-    """Rows per chunk so that ``rows x vocab_size x itemsize <= CHUNK_BUDGET_BYTES`` (at least 1)."""
-    rows = max(1, CHUNK_BUDGET_BYTES // max(1, vocab_size * itemsize))
+    """Rows per chunk: fill ``CHUNK_BUDGET_BYTES``, but at least ``MIN_CHUNK_ROWS`` rows while they
+    fit in ``MAX_CHUNK_BYTES``; at least 1."""
+    row_bytes = max(1, vocab_size * itemsize)
+    rows = CHUNK_BUDGET_BYTES // row_bytes
+    if rows < MIN_CHUNK_ROWS:
+        rows = max(1, min(MIN_CHUNK_ROWS, MAX_CHUNK_BYTES // row_bytes))
     if rows > 8:
         rows -= rows % 8
     if n_rows is not None:
@@ -577,7 +588,7 @@ def linear_divergence(
         mask: bool ``[...]``; positions where it is False contribute nothing to the KD term.
             If ``None`` and ``labels`` are given, the mask is ``labels != ignore_index``;
             if both are ``None`` every position counts.
-        chunk_size: rows per chunk; ``None`` -> :func:`default_chunk_size` (128 MiB per side).
+        chunk_size: rows per chunk; ``None`` -> :func:`default_chunk_size` (32-128 MiB per side).
         student_bias, teacher_bias: optional ``[V]`` LM-head biases.
         teacher_logits: ``[..., V]`` precomputed teacher logits, instead of teacher hidden + head.
         teacher_targets: sparse teacher targets ``[..., k]`` (:class:`potstill.targets.SparseTargets`,
