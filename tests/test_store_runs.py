@@ -255,3 +255,12 @@ def test_classification_refusals(cls_recipe, cls_store):
     other = ClassificationTask(load_recipe(str(cls_recipe), [f"teacher.cache={cls_store}", "data.split_seed=1"]))
     with pytest.raises(UserError, match="dataset fingerprint differs"):
         other.prepare_teacher(_silent)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["smollm2-smoke", "--k", "300"], "--k must be in [1, 255] for --format sampled"),
+    (["digits", "--format", "topk"], "classification stores keep the teacher's raw logits"),
+])
+def test_cache_argument_errors_exit_2_before_the_teacher_runs(args, expected, tmp_path):
+    line = one_error_line(potstill("cache", *args, "--out", str(tmp_path / "store"), cwd=tmp_path))
+    assert expected in line and not (tmp_path / "store").exists()

@@ -76,7 +76,7 @@ def cache(
     from potstill.config import load_recipe
     from potstill.store.manifest import FORMATS
     from potstill.store.source import source_for
-    from potstill.store.writer import build_store, check_existing
+    from potstill.store.writer import build_store, check_existing, check_settings
 
     loaded = load_recipe(recipe, list(set_))
     fmt = format_ or ("sampled" if loaded.task == "lm" else "dense")
@@ -87,6 +87,7 @@ def cache(
     if loaded.task == "classification" and temperature is not None:
         fail("--temperature: a classification store keeps the teacher's raw logits, which serve any KD temperature")
     temperature = 1.0 if temperature is None else temperature
+    check_settings(loaded.task, fmt, k, temperature, shard_size)
     check_existing(out, task=loaded.task, fmt=fmt, k=k, temperature=temperature, seed=seed, shard_size=shard_size,
                    eval_targets=eval_targets)
     if getattr(loaded, "threads", None):

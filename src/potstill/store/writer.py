@@ -64,28 +64,36 @@ def _write_shard(path: Path, tensors: dict[str, Tensor]) -> int:
     return path.stat().st_size
 
 
-def new_manifest(source: StoreSource, *, fmt: str, k: int | None, temperature: float, seed: int,
-                 shard_size: int, eval_targets: str) -> Manifest:
-    """The manifest a build with these settings starts from (no shards yet); validates the settings."""
-    if source.task == "classification":
+def check_settings(task: str, fmt: str, k: int | None, temperature: float, shard_size: int,
+                   vocab_size: int | None = None) -> int | None:
+    """Validate the format parameters (before the teacher runs); returns the resolved k."""
+    if task == "classification":
         if fmt != "dense":
             raise UserError(f"--format {fmt}: classification stores keep the teacher's raw logits (--format dense); "
                             "sparse formats are for language models")
         if k is not None:
             raise UserError("--k applies to --format topk or sampled, not to a classification store")
-        temperature = 1.0  # raw logits serve any KD temperature
     elif fmt == "dense":
         if k is not None:
             raise UserError("--k applies to --format topk or sampled, not to dense")
     else:
         k = DEFAULT_K[fmt] if k is None else k
-        limit = 255 if fmt == "sampled" else source.vocab_size
+        limit = 255 if fmt == "sampled" else (vocab_size or k)
         if not 1 <= k <= limit:
             raise UserError(f"--k must be in [1, {limit}] for --format {fmt} (got {k})")
     if temperature <= 0:
-        raise UserError(f"--temperature must be > 0 (got {temperature})")
+        raise UserError(f"--temperature must be > 0 (got {temperature:g})")
     if shard_size < 1:
         raise UserError(f"--shard-size must be >= 1 (got {shard_size})")
+    return k
+
+
+def new_manifest(source: StoreSource, *, fmt: str, k: int | None, temperature: float, seed: int,
+                 shard_size: int, eval_targets: str) -> Manifest:
+    """The manifest a build with these settings starts from (no shards yet); validates the settings."""
+    k = check_settings(source.task, fmt, k, temperature, shard_size, source.vocab_size)
+    if source.task == "classification":
+        temperature = 1.0  # raw logits serve any KD temperature
     lm = source.task == "lm"
     held = None
     if eval_targets == "dense":
@@ -231,4 +239,4 @@ def _heldout_tensors(source: StoreSource, first: int, stop: int) -> dict[str, Te
     return {"log_probs": torch.cat(rows), "argmax": torch.cat(argmax), "offsets": offsets}
 
 
-__all__ = ["build_store", "check_existing", "encode_targets", "encode_ids", "new_manifest", "MANIFEST"]
+__all__ = ["build_store", "check_existing", "check_settings", "encode_targets", "encode_ids", "new_manifest", "MANIFEST"]
