@@ -90,6 +90,10 @@ def test_dense_serves_any_temperature(tmp_path):
     for t in (0.5, 1.0, 2.0, 4.0):  # stored log_softmax(z / 2) * 2 = z - const: the same softmax(z / t)
         torch.testing.assert_close(torch.softmax(logits / t, -1), torch.softmax(train[[6, 1]] / t, -1),
                                    rtol=0, atol=3e-3)
+    build(tmp_path / "t1", source, "dense", temperature=1.0)
+    logits = StoreTeacher(StoreReader(tmp_path / "t1")).targets({"index": torch.tensor([6, 1]), "split": "train"}).logits
+    assert logits.dtype == torch.float16  # kept in fp16 at T_c = 1; the loss upcasts per chunk
+    torch.testing.assert_close(torch.softmax(logits.float(), -1), torch.softmax(train[[6, 1]], -1), rtol=0, atol=3e-3)
 
 
 def test_heldout_rows_and_argmax(tmp_path):

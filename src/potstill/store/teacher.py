@@ -7,7 +7,8 @@ the store holds exactly those rows. What comes back:
   temperature (the loss consumes them directly; never densified).
 * ``dense`` LM stores: ``TeacherOutput(logits=[B, T, V])`` = stored ``log_softmax(z / T_c) * T_c``,
   which differs from the teacher's logits ``z`` by a per-position constant only, so any training
-  temperature gives ``softmax(z / T)`` (up to fp16 rounding of the stored log-probs).
+  temperature gives ``softmax(z / T)`` (up to fp16 rounding of the stored log-probs). At ``T_c = 1``
+  they stay fp16 (half the memory; the chunked loss upcasts each chunk).
 * classification stores: ``TeacherOutput(logits=[B, C])``, the teacher's raw fp32 logits.
 """
 
@@ -41,8 +42,9 @@ class StoreTeacher:
         m = self.manifest
         if m.task == "classification":
             return TeacherOutput(logits=rows["logits"].float())
-        if m.format == "dense":
-            return TeacherOutput(logits=rows["log_probs"].float() * m.temperature)
+        if m.format == "dense":  # fp16 at T_c = 1 (the loss upcasts chunk by chunk); the exact product otherwise
+            stored = rows["log_probs"]
+            return TeacherOutput(logits=stored if m.temperature == 1.0 else stored.float() * m.temperature)
         ids = decode_ids(rows["ids"])
         entropy = rows["entropy"].float()
         if m.format == "sampled":
