@@ -65,6 +65,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -285,6 +287,8 @@ def main() -> None:
     parser.add_argument("--formats", default=",".join(STORE_FORMATS), help="stores to build and train from")
     parser.add_argument("--sampled-k", type=int, help="draws per position of the sampled store (default: potstill's)")
     parser.add_argument("--topk-k", type=int, help="k of the top-k store (default: equal bytes to sampled)")
+    parser.add_argument("--kd-param", dest="kd_params", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a parameter of the forward-KL student (e.g. ce_weight=0: pure KD)")
     parser.add_argument("--no-live", action="store_true", help="skip the live-teacher reference run")
     parser.add_argument("--work", type=Path, default=Path("/tmp/potstill-bench-cache"), help="stores and runs")
     parser.add_argument("--keep-runs", action="store_true", help="keep the run directories (student weights)")
@@ -315,6 +319,11 @@ def main() -> None:
     if steps < args.warmup + 2:
         parser.error(f"train.steps={steps} leaves no timed step after {args.warmup} warmup steps")
     kd = student_entry(recipe, "lm_kd", "forward_kl")
+    for item in args.kd_params:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            parser.error(f"--kd-param expects KEY=VALUE, got {item!r}")
+        kd["params"][key.strip()] = yaml.safe_load(value)
     ce = student_entry(recipe, "lm_ce")
     temperature = float(kd["params"].get("temperature", 1.0))
     common = [*own_steps, f"train.eval_every={steps}", f"train.checkpoint_every={steps}", "seeds=1"]
