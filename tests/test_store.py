@@ -9,12 +9,12 @@ import torch
 
 from potstill.data.order import keyed_generator
 from potstill.errors import UserError
-from potstill.store.manifest import TeacherIdentity, check_setup, load_manifest
+from potstill.store.manifest import TeacherIdentity, bytes_per_token, check_setup, load_manifest
 from potstill.store.reader import StoreReader
 from potstill.store.source import StoreSource
 from potstill.store.teacher import StoreTeacher
 from potstill.store.writer import build_store, check_existing, encode_targets
-from potstill.targets import sample, topk
+from potstill.targets import sample, stratified_draws, topk
 
 
 def fake_source(vocab=300, n=7, seq=5, held=5, task="lm", seed=0):
@@ -34,16 +34,18 @@ def fake_source(vocab=300, n=7, seq=5, held=5, task="lm", seed=0):
     return source, train, test, mask
 
 
-def build(tmp_path, source, fmt, k=None, temperature=1.0, shard_size=3, eval_targets="dense", warnings=None):
+def build(tmp_path, source, fmt, k=None, temperature=1.0, shard_size=3, eval_targets="dense", warnings=None,
+          exact=None):
     return build_store(source, tmp_path, fmt=fmt, k=k, temperature=temperature, seed=0, shard_size=shard_size,
-                       eval_targets=eval_targets, warn=(warnings.append if warnings is not None else print))
+                       eval_targets=eval_targets, warn=(warnings.append if warnings is not None else print),
+                       exact=exact)
 
 
 @pytest.mark.parametrize("vocab", [300, 49152, 70000])
 def test_sampled_round_trip_is_exact_and_fits_the_budget(tmp_path, vocab):
     source, train, _, _ = fake_source(vocab, n=5, seq=4)
-    manifest, computed = build(tmp_path, source, "sampled", k=20, temperature=2.0, shard_size=2)
-    assert computed == 3 + 3 and manifest.complete
+    manifest, computed = build(tmp_path, source, "sampled", k=20, temperature=2.0, shard_size=2, exact=0)
+    assert computed == 3 + 3 and manifest.complete and manifest.exact == 0
     assert manifest.ids_dtype == ("int16" if vocab <= 65536 else "int32")
     if vocab == 49152:
         assert manifest.bytes_per_token == 62 <= 64
@@ -187,8 +189,107 @@ def test_check_setup_names_each_difference(tmp_path):
 def test_encoded_counts_are_exact_multiples():
     source, train, _, _ = fake_source(50, n=2, seq=3)
     from potstill.store.writer import new_manifest
-    m = new_manifest(source, fmt="sampled", k=7, temperature=1.0, seed=0, shard_size=2, eval_targets="none")
+    m = new_manifest(source, fmt="sampled", k=7, temperature=1.0, seed=0, shard_size=2, eval_targets="none", exact=0)
     enc = encode_targets(train, m, torch.Generator().manual_seed(0))
     assert enc["counts"].dtype == torch.uint8 and enc["ids"].dtype == torch.int16
     assert torch.equal(enc["counts"].sum(-1), torch.full((2, 3), 7, dtype=torch.uint8).long().to(torch.uint8))
     assert math.isclose(m.bytes_per_token, 7 * 3 + 2)
+
+
+
+@pytest.mark.parametrize("vocab", [300, 49152, 70000])
+def test_stratified_round_trip_and_bytes(tmp_path, vocab):
+    """The default sampled store: 6 exact head ids + 12 tail draws (64 bytes/token with 2-byte ids)."""
+    source, train, _, _ = fake_source(vocab, n=5, seq=4)
+    manifest, computed = build(tmp_path, source, "sampled", temperature=2.0, shard_size=2)
+    m, k = 6, 12
+    assert computed == 3 + 3 and (manifest.exact, manifest.k) == (m, k)
+    id_bytes = 2 if vocab <= 65536 else 4
+    assert manifest.bytes_per_token == m * (id_bytes + 2) + k * (id_bytes + 1) + 4 == (64 if id_bytes == 2 else 100)
+    assert bytes_per_token("lm", "sampled", 9, vocab, 8) == 8 * (id_bytes + 2) + 9 * (id_bytes + 1) + 4
+    reader = StoreReader(tmp_path)
+    shard = reader._open(manifest.shards[0])
+    slices = {name: shard.get_slice(name) for name in shard.keys()}
+    shapes = {name: (tuple(s.get_shape()), s.get_dtype()) for name, s in slices.items()}
+    ids_dtype = "I16" if id_bytes == 2 else "I32"
+    assert shapes == {"ids": ((2, 4, m + k), ids_dtype), "head_log_probs": ((2, 4, m), "F16"),
+                      "counts": ((2, 4, k), "U8"), "tail": ((2, 4), "F16"), "entropy": ((2, 4), "F16")}
+    per_token = sum((tmp_path / s.file).stat().st_size for s in manifest.shards) / (5 * 4)
+    assert manifest.bytes_per_token <= per_token < manifest.bytes_per_token + 70  # + safetensors header per shard
+    # what the writer drew: shard i's generator is keyed by (seed, i) and consumed sub-batch by sub-batch
+    parts = []
+    for index in range(3):
+        g = keyed_generator(0, index, 7)
+        for start in range(2 * index, min(2 * index + 2, 5), 2):
+            parts.append(stratified_draws(train[start:start + 2], k, m, temperature=2.0, generator=g))
+    head_ids = torch.cat([p.head_ids for p in parts]).reshape(5, 4, m)
+    tail_ids = torch.cat([p.tail_ids for p in parts]).reshape(5, 4, k)
+    head_p = torch.cat([p.head_log_probs for p in parts]).exp().reshape(5, 4, m)
+    tail_w = torch.cat([p.tail[:, None] * p.counts / k for p in parts]).reshape(5, 4, k)
+    index = torch.tensor([4, 0, 3])
+    out = StoreTeacher(reader).targets({"index": index, "split": "train"}).sparse
+    assert out.kind == "sampled" and out.temperature == 2.0 and out.ids.shape == (3, 4, m + k)
+    assert torch.equal(out.ids, torch.cat([head_ids, tail_ids], -1)[index])
+    torch.testing.assert_close(out.weights[..., :m], head_p[index], rtol=5e-3, atol=1e-6)  # fp16 log-probs
+    torch.testing.assert_close(out.weights[..., m:], tail_w[index], rtol=1e-3, atol=1e-7)  # fp16 tail mass
+    torch.testing.assert_close(out.weights.sum(-1), torch.ones(3, 4), rtol=0, atol=2e-3)
+    # the rebuilt sparse target is the one sample(exact=m) gives with the same generator, up to fp16
+    g = keyed_generator(0, 2, 7)
+    ref = sample(train[4:5], k, temperature=2.0, generator=g, exact=m)
+    torch.testing.assert_close(out.to_dense(vocab)[0], ref.to_dense(vocab)[0], rtol=5e-3, atol=1e-6)
+    logp = torch.log_softmax(train[index] / 2.0, dim=-1)
+    torch.testing.assert_close(out.entropy, -(logp.exp() * logp).sum(-1), rtol=2e-3, atol=2e-3)
+    assert reader.describe() == "sampled, exact=6, k=12, T=2" and reader.report_entry()["exact"] == 6
+
+
+def test_stratified_store_resumes_and_refuses_other_exact(tmp_path):
+    source = fake_source(300)[0]
+    build(tmp_path, source, "sampled", exact=4, k=5, shard_size=2)
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("*.safetensors")}
+    (tmp_path / "train-00002.safetensors").unlink()
+    warnings = []
+    manifest, computed = build(tmp_path, source, "sampled", exact=4, k=5, shard_size=2, warnings=warnings)
+    assert computed == 1 and any("train-00002.safetensors is missing" in w for w in warnings)
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("*.safetensors")} == before  # same draws again
+    StoreReader(tmp_path).verify()
+    with pytest.raises(UserError, match=r"exact is 4 there, 6 here.*never overwritten"):
+        check_existing(tmp_path, task="lm", fmt="sampled", k=5, temperature=1.0, seed=0, shard_size=2,
+                       eval_targets="dense")
+    with pytest.raises(UserError, match=r"exact is 4 there, 0 here"):
+        build(tmp_path, source, "sampled", exact=0, k=5, shard_size=2)
+    with pytest.raises(UserError, match=r"k is 5 there, 6 here"):
+        build(tmp_path, source, "sampled", exact=4, k=6, shard_size=2)
+
+
+def test_exact_is_checked():
+    from potstill.store.writer import check_settings
+    assert check_settings("lm", "sampled", None, 1.0, 4) == (12, 6)
+    assert check_settings("lm", "sampled", None, 1.0, 4, exact=0) == (20, 0)
+    assert check_settings("lm", "sampled", None, 1.0, 4, exact=8) == (9, 8)  # 63 bytes/token
+    assert check_settings("lm", "topk", None, 1.0, 4) == (15, 0)
+    for fmt in ("topk", "dense"):
+        with pytest.raises(UserError, match="--exact applies to --format sampled"):
+            check_settings("lm", fmt, None, 1.0, 4, exact=3)
+    with pytest.raises(UserError, match="--exact applies"):
+        check_settings("classification", "dense", None, 1.0, 4, exact=3)
+    with pytest.raises(UserError, match=r"--exact must be in \[0, 299\]"):
+        check_settings("lm", "sampled", 4, 1.0, 4, vocab_size=300, exact=300)
+    with pytest.raises(UserError, match="--exact must be"):
+        check_settings("lm", "sampled", 4, 1.0, 4, exact=-1)
+
+
+def test_manifest_without_exact_is_a_plain_sampled_store(tmp_path):
+    """Stores written before ``exact`` existed have no such field: they read as exact = 0."""
+    source, train, _, _ = fake_source(300, n=4, seq=3)
+    build(tmp_path, source, "sampled", k=20, exact=0, shard_size=4)
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    del data["exact"]
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    manifest = load_manifest(tmp_path)
+    assert manifest.exact == 0 and manifest.bytes_per_token == 62
+    out = StoreTeacher(StoreReader(tmp_path)).targets({"index": torch.arange(4), "split": "train"}).sparse
+    ref = sample(train, 20, generator=keyed_generator(0, 0, 7))
+    assert out.ids.shape == (4, 3, 20) and torch.equal(out.ids, ref.ids)
+    torch.testing.assert_close(out.weights, ref.weights, rtol=0, atol=1e-6)
+    # finishing or rerunning it with the old settings agrees with it (exact 0 = the missing field)
+    assert build(tmp_path, source, "sampled", k=20, exact=0, shard_size=4)[1] == 0

@@ -171,7 +171,7 @@ def test_distill_from_a_sampled_store(lm_recipe, lm_store, tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads((run / "report.json").read_text())
     store = report["teacher"]["store"]
-    assert store["format"] == "sampled" and store["k"] == 20 and store["dir"] == str(lm_store)
+    assert store["format"] == "sampled" and (store["exact"], store["k"]) == (6, 12) and store["dir"] == str(lm_store)
     assert any("offline store" in note for note in report["protocol"]["notes"])
     assert "via teacher store" in report["teacher"]["description"]
     assert set(report["students"]) == {"baseline", "forward_kl"}
@@ -192,7 +192,7 @@ def test_store_task_keeps_no_teacher_model(lm_recipe, lm_store):
     assert not teachers, "a 2-layer teacher model is still in memory"
     batch = {"index": torch.tensor([5, 0]), "split": "train"}
     sparse = task.teacher.targets(batch).sparse
-    assert sparse.ids.shape == (2, 64, 20) and sparse.kind == "sampled"
+    assert sparse.ids.shape == (2, 64, 6 + 12) and sparse.kind == "sampled"  # 6 exact head ids + 12 tail slots
     student = task._new_student(0)
     assert student.config.num_hidden_layers == 1
 

@@ -57,8 +57,12 @@ def cache(
     out: Path = typer.Option(..., "--out", help="Store directory (a rerun with the same settings finishes it)."),
     format_: Optional[str] = typer.Option(None, "--format", help="dense | topk | sampled (default: sampled for "
                                           "language models, dense for classification)."),
-    k: Optional[int] = typer.Option(None, "--k", help="sampled: draws per position (default 20, max 255); "
+    k: Optional[int] = typer.Option(None, "--k", help="sampled: tail draws per position (max 255; default: the "
+                                    "most that fit 64 bytes/token beside --exact, 12 for exact 6, 20 for exact 0); "
                                     "topk: kept ids (default 15)."),
+    exact: Optional[int] = typer.Option(None, "--exact", help="sampled: the M most probable ids kept with their "
+                                        "exact probabilities, the K draws taken from the rest (default 6; 0: plain "
+                                        "sampling)."),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="Teacher temperature of the stored "
                                                 "distribution (language models; default 1)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sampling (keyed by shard, so reruns are identical)."),
@@ -87,9 +91,9 @@ def cache(
     if loaded.task == "classification" and temperature is not None:
         fail("--temperature: a classification store keeps the teacher's raw logits, which serve any KD temperature")
     temperature = 1.0 if temperature is None else temperature
-    check_settings(loaded.task, fmt, k, temperature, shard_size)
+    check_settings(loaded.task, fmt, k, temperature, shard_size, exact=exact)
     check_existing(out, task=loaded.task, fmt=fmt, k=k, temperature=temperature, seed=seed, shard_size=shard_size,
-                   eval_targets=eval_targets)
+                   eval_targets=eval_targets, exact=exact)
     if getattr(loaded, "threads", None):
         torch.set_num_threads(loaded.threads)
     columns = [TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
@@ -111,11 +115,12 @@ def cache(
 
         manifest, computed = build_store(source, out, fmt=fmt, k=k, temperature=temperature,
                                          seed=seed, shard_size=shard_size, eval_targets=eval_targets, warn=warn,
-                                         on_shard=on_shard)
+                                         on_shard=on_shard, exact=exact)
     total = manifest.num_shards() + manifest.num_heldout_shards()
     size = sum(s.bytes for s in manifest.shards)
     unit = "example" if manifest.task == "classification" else "token"
-    k_text = f", k={manifest.k}" if manifest.k is not None else ""
+    k_text = (f", exact={manifest.exact}" if manifest.exact else "") + (f", k={manifest.k}" if manifest.k is not None
+                                                                         else "")
     console.print(f"teacher store {out}: {manifest.format}{k_text}, T={manifest.temperature:g}, "
                   f"{manifest.bytes_per_token} bytes/{unit}, {_size(size)} of training targets; "
                   f"{computed} of {total} shards computed now, {total - computed} already there", highlight=False)

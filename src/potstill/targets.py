@@ -1,6 +1,6 @@
 """Sparse teacher targets: what an offline teacher store keeps per position instead of V log-probs.
 
-Two ways to keep ``k`` entries of a teacher distribution ``p = softmax(z / T)`` per position:
+Two ways to keep a few entries of a teacher distribution ``p = softmax(z / T)`` per position:
 
 * :func:`sample` (unbiased, after Anshumann et al., "Sparse Logit Sampling"): ``k`` independent
   draws from ``p``; each distinct id gets weight ``count / k``. For every vocabulary entry ``v``,
@@ -8,6 +8,15 @@ Two ways to keep ``k`` entries of a teacher distribution ``p = softmax(z / T)`` 
   (cross-entropy, hence the gradient of forward KL) is unbiased: its expectation over draws equals
   the dense loss. Distinct ids are at most ``k``; unused slots have weight 0 (and repeat a used id,
   so they stay valid indices).
+
+  Stratified (``exact=m``): the ``m`` most probable ids keep their exact probabilities; the ``k``
+  draws come from the rest renormalised, ``r = p / t`` with tail mass ``t`` (computed from the
+  excluded entries, so fp32 rounding of ``1 - sum(head)`` cannot lose it), and weigh
+  ``t * count / k``. ``E[t * count_v / k] = t * r_v = p_v``: still unbiased, and the only noise is
+  the tail's, ``E ||p_hat - p||^2 = (t^2 - sum_tail p_v^2) / k`` against ``(1 - sum_v p_v^2) / k``
+  for plain draws: never more with the same ``k``, and far less for peaked teachers (small ``t``).
+  Rows with ``t = 0`` get weight-0 tail slots. :func:`stratified_draws` returns the parts a store
+  keeps (head ids and log-probs, tail mass, tail ids and counts).
 * :func:`topk` (biased): the ``k`` most probable ids with their probabilities, plus ``tail`` =
   the mass of everything else. The kept weights sum to ``1 - tail`` < 1 and every id outside the top
   ``k`` gets 0: used as a target, it over-weights the head of the distribution relative to its tail
@@ -24,7 +33,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["SparseTargets", "sample", "topk"]
+__all__ = ["SparseTargets", "StratifiedDraws", "sample", "stratified_draws", "topk"]
 
 
 @dataclass(frozen=True)
@@ -96,21 +105,87 @@ def _entropy(log_probs: Tensor) -> Tensor:
     return -(log_probs.exp() * log_probs.nan_to_num(neginf=0.0)).sum(dim=-1)
 
 
-def sample(teacher_logits: Tensor, k: int, *, temperature: float = 1.0,
-           generator: torch.Generator | None = None) -> SparseTargets:
-    """``k`` draws (with replacement) from ``softmax(teacher_logits / temperature)`` per position,
-    merged into distinct ids with weights ``count / k`` (unbiased; see the module docstring)."""
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    lead, vocab = teacher_logits.shape[:-1], teacher_logits.shape[-1]
-    log_probs = _log_probabilities(teacher_logits, temperature)
-    probs = log_probs.exp().reshape(-1, vocab)
-    draws = torch.multinomial(probs, k, replacement=True, generator=generator) if probs.numel() else \
-        torch.zeros(0, k, dtype=torch.long, device=probs.device)
+def _merge_draws(draws: Tensor) -> tuple[Tensor, Tensor]:
+    """Draws ``[N, k]`` -> (sorted draws, the distinct-id slot of each draw) for merging repeats."""
     draws, _ = draws.sort(dim=-1)
     first = torch.ones_like(draws, dtype=torch.bool)
     first[:, 1:] = draws[:, 1:] != draws[:, :-1]
-    slot = first.long().cumsum(dim=-1) - 1  # distinct-id index of each draw
+    return draws, first.long().cumsum(dim=-1) - 1  # distinct-id index of each draw
+
+
+def _draw(probs: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
+    if not probs.numel():
+        return torch.zeros(0, k, dtype=torch.long, device=probs.device)
+    return torch.multinomial(probs, k, replacement=True, generator=generator)
+
+
+@dataclass(frozen=True)
+class StratifiedDraws:
+    """The parts of a stratified sample (flattened positions ``N``): what a store keeps.
+
+    ``head_ids`` / ``head_log_probs`` ``[N, m]``: the ``m`` most probable ids and their exact
+    log-probs; ``tail`` ``[N]``: the mass of everything else, computed from the excluded entries;
+    ``tail_ids`` / ``counts`` ``[N, k]``: the ``k`` tail draws merged into distinct ids with their
+    counts (padding slots: count 0, a valid id); ``entropy`` ``[N]``: the teacher's ``H(p)``.
+    """
+
+    head_ids: Tensor
+    head_log_probs: Tensor
+    tail: Tensor
+    tail_ids: Tensor
+    counts: Tensor
+    entropy: Tensor
+
+
+def stratified_draws(teacher_logits: Tensor, k: int, exact: int, *, temperature: float = 1.0,
+                     generator: torch.Generator | None = None) -> StratifiedDraws:
+    """Exact head of ``exact`` ids plus ``k`` draws from the renormalised tail (see :func:`sample`)."""
+    vocab = teacher_logits.shape[-1]
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if not 1 <= exact < vocab:
+        raise ValueError(f"exact must be in [1, {vocab - 1}] (the tail needs at least one id), got {exact}")
+    log_probs = _log_probabilities(teacher_logits, temperature).reshape(-1, vocab)
+    head_log_probs, head_ids = log_probs.topk(exact, dim=-1)
+    excluded = log_probs.scatter(-1, head_ids, float("-inf"))
+    # the tail from the excluded entries themselves: 1 - sum(head) loses it to rounding when it is tiny
+    log_tail = excluded.logsumexp(dim=-1, keepdim=True)
+    empty = torch.isneginf(log_tail)  # all the mass is in the head (e.g. -inf teacher logits)
+    tail_probs = (excluded - torch.where(empty, 0.0, log_tail)).exp()
+    # empty tails draw the most probable id with weight 0: a valid index that contributes nothing
+    tail_probs = torch.where(empty, torch.zeros_like(tail_probs).scatter_(-1, head_ids[:, :1], 1.0), tail_probs)
+    draws, slot = _merge_draws(_draw(tail_probs, k, generator))
+    tail_ids = draws[:, :1].expand(-1, k).clone()  # unused slots repeat the first id (count 0)
+    tail_ids.scatter_(1, slot, draws)
+    counts = torch.zeros_like(draws).scatter_add_(1, slot, torch.ones_like(draws))
+    return StratifiedDraws(head_ids, head_log_probs, log_tail.squeeze(-1).exp(), tail_ids, counts,
+                           _entropy(log_probs))
+
+
+def sample(teacher_logits: Tensor, k: int, *, temperature: float = 1.0,
+           generator: torch.Generator | None = None, exact: int = 0) -> SparseTargets:
+    """Unbiased sparse targets of ``softmax(teacher_logits / temperature)`` (see the module docstring).
+
+    ``exact=0``: ``k`` draws (with replacement) from ``p``, merged into distinct ids with weights
+    ``count / k``; ``ids`` / ``weights`` are ``[..., k]``. ``exact=m >= 1`` (stratified): the ``m``
+    most probable ids with their exact probabilities, then ``k`` draws from the rest renormalised
+    (mass ``t``), merged into distinct ids with weights ``t * count / k``; ``[..., m + k]``, the head
+    first. ``m`` must be below the vocabulary size (the tail needs an id; ``m = V - 1`` leaves one)."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if exact < 0:
+        raise ValueError(f"exact must be >= 0, got {exact}")
+    lead, vocab = teacher_logits.shape[:-1], teacher_logits.shape[-1]
+    if exact:
+        parts = stratified_draws(teacher_logits, k, exact, temperature=temperature, generator=generator)
+        tail_weights = parts.tail.unsqueeze(-1) * parts.counts.to(parts.tail.dtype) / k
+        ids = torch.cat([parts.head_ids, parts.tail_ids], dim=-1)
+        weights = torch.cat([parts.head_log_probs.exp(), tail_weights], dim=-1)
+        return SparseTargets(ids.reshape(*lead, exact + k), weights.reshape(*lead, exact + k), "sampled", None,
+                             float(temperature), parts.entropy.reshape(lead))
+    log_probs = _log_probabilities(teacher_logits, temperature)
+    probs = log_probs.exp().reshape(-1, vocab)
+    draws, slot = _merge_draws(_draw(probs, k, generator))
     ids = draws[:, :1].expand(-1, k).clone()  # unused slots repeat the first id (weight 0)
     ids.scatter_(1, slot, draws)
     weights = torch.zeros(draws.shape, dtype=log_probs.dtype, device=draws.device)

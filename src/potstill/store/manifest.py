@@ -21,7 +21,9 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 Format = Literal["dense", "topk", "sampled"]
 FORMATS = ("dense", "topk", "sampled")
-DEFAULT_K = {"sampled": 20, "topk": 15}
+DEFAULT_EXACT = 6  # sampled: exact head ids by default (see docs/store.md for the choice of (6, 12))
+DEFAULT_K = {"sampled": 12, "topk": 15}  # sampled: the draws that fit 64 bytes/token beside DEFAULT_EXACT
+BUDGET = 64  # bytes/token (2-byte ids) that a default sampled store fits in
 
 
 class _Model(BaseModel):
@@ -58,7 +60,8 @@ class Manifest(_Model):
     task: Literal["lm", "classification"]
     recipe: str
     format: Format
-    k: int | None  # sampled: draws (= slots) per position; topk: kept ids; dense: None
+    k: int | None  # sampled: tail draws per position; topk: kept ids; dense: None
+    exact: int = 0  # sampled: exact head ids per position (0: plain sampling; missing in older manifests)
     temperature: float  # LM: targets are softmax(z / temperature); classification: raw logits (1.0)
     seed: int
     dtype: str  # stored values (log-probs, logits)
@@ -87,8 +90,8 @@ class Manifest(_Model):
 
 
 # settings that identify a store: a rerun into the same directory must agree on all of them
-SETTINGS = ("format_version", "task", "format", "k", "temperature", "seed", "dtype", "ids_dtype", "vocab_size",
-            "seq_len", "num_examples", "shard_size", "teacher.weights_sha256", "tokenizer_sha256",
+SETTINGS = ("format_version", "task", "format", "k", "exact", "temperature", "seed", "dtype", "ids_dtype",
+            "vocab_size", "seq_len", "num_examples", "shard_size", "teacher.weights_sha256", "tokenizer_sha256",
             "dataset_fingerprint", "held_out.num_examples", "held_out.dataset_fingerprint", "teacher_responses")
 
 
@@ -96,7 +99,18 @@ def ids_dtype(vocab_size: int) -> str:
     return "int16" if vocab_size <= 65536 else "int32"
 
 
-def bytes_per_token(task: str, fmt: str, k: int | None, vocab_size: int) -> int:
+def default_k(fmt: str, exact: int = 0) -> int:
+    """topk: 15. sampled: the most tail draws that keep ``BUDGET`` bytes/token with 2-byte ids beside
+    ``exact`` head ids (at least 1): 20 for plain sampling, 12 beside 6 exact ids."""
+    if fmt != "sampled":
+        return DEFAULT_K[fmt]
+    k = 1
+    while k < 255 and bytes_per_token("lm", "sampled", k + 1, 65536, exact) <= BUDGET:
+        k += 1
+    return k
+
+
+def bytes_per_token(task: str, fmt: str, k: int | None, vocab_size: int, exact: int = 0) -> int:
     """Stored bytes per position (LM) or per example (classification: fp32 logits)."""
     id_bytes = 2 if vocab_size <= 65536 else 4
     if task == "classification":
@@ -105,6 +119,8 @@ def bytes_per_token(task: str, fmt: str, k: int | None, vocab_size: int) -> int:
         return 2 * vocab_size  # fp16 log-probs
     if fmt == "topk":
         return k * (id_bytes + 2) + 2 + 2  # ids + fp16 log-probs, fp16 tail, fp16 entropy
+    if exact:  # head ids + fp16 log-probs, tail ids + uint8 counts, fp16 tail mass, fp16 entropy
+        return exact * (id_bytes + 2) + k * (id_bytes + 1) + 2 + 2
     return k * (id_bytes + 1) + 2  # ids + uint8 counts, fp16 entropy
 
 

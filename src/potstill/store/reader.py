@@ -97,11 +97,12 @@ class StoreReader:
 
     def describe(self) -> str:
         m = self.manifest
-        k = f", k={m.k}" if m.k is not None else ""
+        k = (f", exact={m.exact}" if m.exact else "") + (f", k={m.k}" if m.k is not None else "")
         return f"{m.format}{k}, T={m.temperature:g}"
 
     def report_entry(self) -> dict:
         m = self.manifest
-        return {"dir": str(self.folder), "format": m.format, "k": m.k, "temperature": m.temperature,
+        return {"dir": str(self.folder), "format": m.format, "k": m.k, "exact": m.exact,
+                "temperature": m.temperature,
                 "bytes_per_token": m.bytes_per_token, "manifest_sha256": self.digest,
                 "teacher_weights_sha256": m.teacher.weights_sha256, "created": m.created}

@@ -4,7 +4,8 @@ Training batches carry ``index`` (rows of the training split, in the data order 
 the store holds exactly those rows. What comes back:
 
 * ``sampled`` / ``topk`` LM stores: ``TeacherOutput(sparse=SparseTargets [B, T, k])`` at the store's
-  temperature (the loss consumes them directly; never densified).
+  temperature (the loss consumes them directly; never densified). A stratified sampled store
+  (``exact = m > 0``) gives ``[B, T, m + k]``: weights ``exp(head_log_probs)`` then ``tail * count / k``.
 * ``dense`` LM stores: ``TeacherOutput(logits=[B, T, V])`` = stored ``log_softmax(z / T_c) * T_c``,
   which differs from the teacher's logits ``z`` by a per-position constant only, so any training
   temperature gives ``softmax(z / T)`` (up to fp16 rounding of the stored log-probs). At ``T_c = 1``
@@ -47,7 +48,11 @@ class StoreTeacher:
             return TeacherOutput(logits=stored if m.temperature == 1.0 else stored.float() * m.temperature)
         ids = decode_ids(rows["ids"])
         entropy = rows["entropy"].float()
-        if m.format == "sampled":
+        if m.format == "sampled" and m.exact:  # stratified: [exact head probabilities, tail * count / k]
+            tail = rows["tail"].float().unsqueeze(-1) * rows["counts"].float() / m.k
+            weights = torch.cat([rows["head_log_probs"].float().exp(), tail], dim=-1)
+            sparse = SparseTargets(ids, weights, "sampled", None, m.temperature, entropy)
+        elif m.format == "sampled":
             weights = rows["counts"].float() / m.k
             sparse = SparseTargets(ids, weights, "sampled", None, m.temperature, entropy)
         else:

@@ -22,10 +22,11 @@ from torch import Tensor
 import potstill
 from potstill.data.order import keyed_generator
 from potstill.errors import UserError
-from potstill.store.manifest import (DEFAULT_K, MANIFEST, HeldOut, Manifest, ShardInfo, bytes_per_token, ids_dtype,
-                                     load_manifest, save_manifest, settings_difference, sha256_file)
+from potstill.store.manifest import (DEFAULT_EXACT, MANIFEST, HeldOut, Manifest, ShardInfo, bytes_per_token,
+                                     default_k, ids_dtype, load_manifest, save_manifest, settings_difference,
+                                     sha256_file)
 from potstill.store.source import StoreSource
-from potstill.targets import sample, topk
+from potstill.targets import sample, stratified_draws, topk
 
 LOG_FLOOR = -1e4  # log-probs are clamped here so that 0 * log 0 stays 0 in fp16 (exp(-1e4) == 0)
 
@@ -48,6 +49,13 @@ def encode_targets(logits: Tensor, manifest: Manifest, generator: torch.Generato
         t = topk(logits, k, temperature=temperature)
         return {"ids": encode_ids(t.ids, manifest.ids_dtype), "log_probs": t.weights.log().clamp(min=LOG_FLOOR).half(),
                 "tail": t.tail.half(), "entropy": t.entropy.half()}
+    if manifest.exact:  # stratified: exact head, k draws from the renormalised tail
+        lead, m = logits.shape[:-1], manifest.exact
+        s = stratified_draws(logits, k, m, temperature=temperature, generator=generator)
+        return {"ids": encode_ids(torch.cat([s.head_ids, s.tail_ids], -1), manifest.ids_dtype).reshape(*lead, m + k),
+                "head_log_probs": s.head_log_probs.clamp(min=LOG_FLOOR).half().reshape(*lead, m),
+                "counts": s.counts.to(torch.uint8).reshape(*lead, k), "tail": s.tail.half().reshape(lead),
+                "entropy": s.entropy.half().reshape(lead)}
     t = sample(logits, k, temperature=temperature, generator=generator)
     return {"ids": encode_ids(t.ids, manifest.ids_dtype), "counts": (t.weights * k).round().to(torch.uint8),
             "entropy": t.entropy.half()}
@@ -65,8 +73,18 @@ def _write_shard(path: Path, tensors: dict[str, Tensor]) -> int:
 
 
 def check_settings(task: str, fmt: str, k: int | None, temperature: float, shard_size: int,
-                   vocab_size: int | None = None) -> int | None:
-    """Validate the format parameters (before the teacher runs); returns the resolved k."""
+                   vocab_size: int | None = None, exact: int | None = None) -> tuple[int | None, int]:
+    """Validate the format parameters (before the teacher runs); returns the resolved (k, exact)."""
+    if exact is not None and (task == "classification" or fmt != "sampled"):
+        raise UserError(f"--exact applies to --format sampled (language models), not to --format {fmt}")
+    if fmt == "sampled" and task != "classification":
+        exact = DEFAULT_EXACT if exact is None else exact
+        limit = (vocab_size - 1) if vocab_size else None
+        if exact < 0 or (limit is not None and exact > limit):
+            upper = limit if limit is not None else "V - 1"
+            raise UserError(f"--exact must be in [0, {upper}] (head ids kept exactly; the tail needs at least one id), "
+                            f"got {exact}")
+    exact = exact or 0
     if task == "classification":
         if fmt != "dense":
             raise UserError(f"--format {fmt}: classification stores keep the teacher's raw logits (--format dense); "
@@ -77,7 +95,7 @@ def check_settings(task: str, fmt: str, k: int | None, temperature: float, shard
         if k is not None:
             raise UserError("--k applies to --format topk or sampled, not to dense")
     else:
-        k = DEFAULT_K[fmt] if k is None else k
+        k = default_k(fmt, exact) if k is None else k
         limit = 255 if fmt == "sampled" else (vocab_size or k)
         if not 1 <= k <= limit:
             raise UserError(f"--k must be in [1, {limit}] for --format {fmt} (got {k})")
@@ -85,13 +103,14 @@ def check_settings(task: str, fmt: str, k: int | None, temperature: float, shard
         raise UserError(f"--temperature must be > 0 (got {temperature:g})")
     if shard_size < 1:
         raise UserError(f"--shard-size must be >= 1 (got {shard_size})")
-    return k
+    return k, exact
 
 
 def new_manifest(source: StoreSource, *, fmt: str, k: int | None, temperature: float, seed: int,
-                 shard_size: int, eval_targets: str) -> Manifest:
-    """The manifest a build with these settings starts from (no shards yet); validates the settings."""
-    k = check_settings(source.task, fmt, k, temperature, shard_size, source.vocab_size)
+                 shard_size: int, eval_targets: str, exact: int | None = None) -> Manifest:
+    """The manifest a build with these settings starts from (no shards yet); validates the settings.
+    ``exact`` (sampled only): head ids kept exactly; None = ``DEFAULT_EXACT``, 0 = plain sampling."""
+    k, exact = check_settings(source.task, fmt, k, temperature, shard_size, source.vocab_size, exact)
     if source.task == "classification":
         temperature = 1.0  # raw logits serve any KD temperature
     lm = source.task == "lm"
@@ -100,28 +119,32 @@ def new_manifest(source: StoreSource, *, fmt: str, k: int | None, temperature: f
         held = HeldOut(dtype="float16" if lm else "float32", num_examples=source.heldout_examples,
                        dataset_fingerprint=source.heldout_fingerprint)
     return Manifest(
-        task=source.task, recipe=source.recipe, format=fmt, k=k, temperature=float(temperature), seed=seed,
+        task=source.task, recipe=source.recipe, format=fmt, k=k, exact=exact, temperature=float(temperature), seed=seed,
         dtype="float16" if lm else "float32", ids_dtype=ids_dtype(source.vocab_size) if fmt != "dense" else None,
         vocab_size=source.vocab_size, seq_len=source.seq_len, num_examples=source.num_examples,
-        shard_size=shard_size, bytes_per_token=bytes_per_token(source.task, fmt, k, source.vocab_size),
+        shard_size=shard_size, bytes_per_token=bytes_per_token(source.task, fmt, k, source.vocab_size, exact),
         teacher=source.teacher, tokenizer_sha256=source.tokenizer_sha256,
         dataset_fingerprint=source.dataset_fingerprint, held_out=held, teacher_responses=source.teacher_responses,
         created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), potstill_version=potstill.__version__)
 
 
 def check_existing(folder: Path, *, task: str, fmt: str, k: int | None, temperature: float, seed: int,
-                   shard_size: int, eval_targets: str) -> None:
+                   shard_size: int, eval_targets: str, exact: int | None = None) -> None:
     """Refuse at once (before the teacher runs) when ``folder`` holds a store with other basic settings."""
     old = load_manifest(Path(folder))
     if old is None:
         return
     if task == "classification":
         temperature = 1.0
+    if fmt == "sampled" and task == "lm" and exact is None:
+        exact = DEFAULT_EXACT
+    exact = exact or 0
     if fmt != "dense" and k is None:
-        k = DEFAULT_K[fmt]
-    mine = {"task": task, "format": fmt, "k": k, "temperature": float(temperature), "seed": seed,
+        k = default_k(fmt, exact)
+    mine = {"task": task, "format": fmt, "k": k, "exact": exact, "temperature": float(temperature), "seed": seed,
             "shard_size": shard_size, "held-out targets": "dense" if eval_targets == "dense" else "none"}
-    theirs = {**{key: getattr(old, key) for key in ("task", "format", "k", "temperature", "seed", "shard_size")},
+    theirs = {**{key: getattr(old, key) for key in ("task", "format", "k", "exact", "temperature", "seed",
+                                                    "shard_size")},
               "held-out targets": "dense" if old.held_out is not None else "none"}
     for key, value in mine.items():
         if theirs[key] != value:
@@ -164,11 +187,12 @@ def _open_folder(folder: Path, new: Manifest, warn: Callable[[str], None]) -> Ma
 
 def build_store(source: StoreSource, folder: Path, *, fmt: str, k: int | None, temperature: float, seed: int,
                 shard_size: int, eval_targets: str = "dense", warn: Callable[[str], None] = print,
-                on_shard: Callable[[int, int], None] | None = None) -> tuple[Manifest, int]:
+                on_shard: Callable[[int, int], None] | None = None,
+                exact: int | None = None) -> tuple[Manifest, int]:
     """Write (or finish) the store in ``folder``; returns (manifest, shards computed by this call)."""
     folder = Path(folder)
     manifest = _open_folder(folder, new_manifest(source, fmt=fmt, k=k, temperature=temperature, seed=seed,
-                                                 shard_size=shard_size, eval_targets=eval_targets), warn)
+                                                 shard_size=shard_size, eval_targets=eval_targets, exact=exact), warn)
     complete = (len(manifest.shards) == manifest.num_shards()
                 and (manifest.held_out is None or len(manifest.held_out.shards) == manifest.num_heldout_shards()))
     if complete and manifest.complete:
