@@ -204,13 +204,20 @@ def largest_topk(sampled_bytes: int, vocab: int) -> int:
     return k
 
 
+def k_label(store: dict) -> str:
+    """``k`` of a store as a table cell: draws, kept ids, or exact head + tail draws (stratified sampling)."""
+    if store.get("k") is None:
+        return "-"
+    return f"{store['exact']} exact + {store['k']} drawn" if store.get("exact") else str(store["k"])
+
+
 def store_sizes(folder: Path) -> dict:
     from potstill.store.manifest import load_manifest
     m = load_manifest(folder)
     train = sum((folder / s.file).stat().st_size for s in m.shards)
     held = sum((folder / s.file).stat().st_size for s in m.held_out.shards) if m.held_out else 0
     positions = m.num_examples * (m.seq_len or 1)
-    return {"format": m.format, "k": m.k, "bytes_per_token": m.bytes_per_token, "vocab_size": m.vocab_size,
+    return {"format": m.format, "k": m.k, "exact": getattr(m, "exact", 0) or 0, "bytes_per_token": m.bytes_per_token, "vocab_size": m.vocab_size,
             "train_bytes": train, "heldout_bytes": held, "positions": positions, "disk_per_token": train / positions,
             "num_examples": m.num_examples, "heldout_examples": m.held_out.num_examples if m.held_out else 0,
             "seq_len": m.seq_len, "teacher_params": m.teacher.params, "temperature": m.temperature}
@@ -429,11 +436,12 @@ def render(args, recipe, kd, ce, stores, builds, runs, configs, vocab, steps) ->
         when = ("not recorded" if b["wall_s"] is None else fmt_time(b["wall_s"])) \
             + (f" (built {b['date']}, reused)" if b["reused"] else "") \
             + (" (finished an interrupted build)" if b.get("resumed") else "")
-        rows.append(f"| {fmt} | {s['k'] if s['k'] is not None else '-'} | {s['bytes_per_token']:,} | "
+        rows.append(f"| {fmt} | {k_label(s)} | {s['bytes_per_token']:,} | "
                     f"{s['disk_per_token']:,.1f} | 1/{dense_bytes / s['bytes_per_token']:,.0f} | "
                     f"{fmt_size(s['train_bytes'])} | {fmt_size(s['heldout_bytes'])} | {when} |")
     sampled_k = stores["sampled"]["k"] if "sampled" in stores else (args.sampled_k or DEFAULT_K["sampled"])
-    goal_sampled = bytes_per_token("lm", "sampled", sampled_k, GOAL_V)
+    sampled_exact = stores["sampled"]["exact"] if "sampled" in stores else 0
+    goal_sampled = bytes_per_token("lm", "sampled", sampled_k, GOAL_V, exact=sampled_exact)
     goal_k = largest_topk(goal_sampled, GOAL_V)
     at_goal = (f"At V = {GOAL_V:,} the formula gives dense {bytes_per_token('lm', 'dense', None, GOAL_V):,}, "
                f"sampled k={sampled_k} {goal_sampled} and top-k k={goal_k} "
@@ -454,7 +462,7 @@ def render(args, recipe, kd, ce, stores, builds, runs, configs, vocab, steps) ->
     labels = {"ce": ("CE only", "none (labels)"), "live": ("forward KL", live)}
     for name, report in reports.items():
         what, source = labels.get(name, ("forward KL", f"store: {name}"
-                                         + (f", k={stores[name]['k']}" if stores.get(name, {}).get("k") else "")))
+                                         + (f", k={k_label(stores[name])}" if stores.get(name, {}).get("k") else "")))
         ppl = metric(report, "perplexity")
         size = f"{stores[name]['bytes_per_token']:,}" if name in stores else "-"
         vs = f"{(ppl / dense_ppl - 1) * 100:+.2f}%" if dense_ppl else "-"
