@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="rounds; each runs every method once, in its own process, in turn")
     ap.add_argument("--repeats", type=int, default=1, help="timed runs per process (after one warm-up run)")
     ap.add_argument("--methods", nargs="+", choices=ALL_METHODS, default=list(METHODS))
-    ap.add_argument("--chunk-size", type=int, default=None, help="rows per chunk for linear (default: 128 MiB budget)")
+    ap.add_argument("--chunk-size", type=int, default=None, help="rows per chunk for linear (default: potstill.losses.linear.default_chunk_size)")
     ap.add_argument("--quick", action="store_true", help="N=512, V in {8192, 32768}; does not touch the docs")
     ap.add_argument("--no-docs", action="store_true")
     ap.add_argument("--worker", choices=ALL_METHODS, help=argparse.SUPPRESS)
@@ -322,7 +322,7 @@ tokens, H = {args.hidden} (student and teacher), T = 1, no mask.
   stable `DistillationTrainer` loss: hidden states + lm_head, [4096 x 32768] tiles, online
   logsumexp, projections recomputed in backward), `beta=0`. On CPU it projects every position.
 - `linear`: `potstill.losses.linear.linear_divergence(..., divergence="forward_kl")`, chunk rows as
-  shown (default: 128 MiB of float32 logits per side).
+  shown (default: `default_chunk_size`, 168 rows at V = 49,152 and 128 at V = 262,144).
 {"- `linear_generic`: the same engine forced onto its generic local-autograd path." if "linear_generic" in args.methods else ""}
 
 Time: {args.rounds} rounds; in each round every method runs in turn in a fresh process (one warm-up run,
