@@ -123,12 +123,17 @@ def test_matches_dense(name, kw, use_mask, bias, teacher_mode, ce_weight):
                 assert_close_all(ref, out, gref, grads_of(out, c, bias), tol)
 
 
-@pytest.mark.parametrize("name,kw", [d for d in DIVS if d[0] in ("forward_kl", "reverse_kl", "jsd")],
-                         ids=[i for i, d in zip(DIV_IDS, DIVS) if d[0] in ("forward_kl", "reverse_kl", "jsd")])
+CLOSED = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl")
+
+
+@pytest.mark.parametrize("name,kw", [d for d in DIVS if d[0] in CLOSED],
+                         ids=[i for i, d in zip(DIV_IDS, DIVS) if d[0] in CLOSED])
 def test_generic_path_matches_closed_form(name, kw, monkeypatch):
     c = make_case()
     args = dict(T=2.0, mask=c["mask"], bias=True, ce_weight=0.3, labels=c["labels"], chunk_size=6)
-    closed = linear_loss(c, name, kw, **args)
+    with monkeypatch.context() as patch:  # the closed form must really be taken (no silent fallback)
+        patch.setattr(linear_mod, "_generic_chunk", lambda *a, **k: pytest.fail(f"{name}: generic path used"))
+        closed = linear_loss(c, name, kw, **args)
     g_closed = grads_of(closed, c, True)
     monkeypatch.setattr(linear_mod, "_CLOSED_FORM", {})
     generic = linear_loss(c, name, kw, **args)

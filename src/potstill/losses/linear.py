@@ -28,9 +28,10 @@ For each chunk it
 Backward only multiplies the stored gradients by ``grad_output``: nothing is recomputed, and no
 ``[N, V]`` tensor exists at any point.
 
-Gradients w.r.t. the chunk logits come from one of two paths:
+Gradients w.r.t. the chunk logits come from one of two paths (the kernels live in
+:mod:`potstill.losses.linear_kernels`):
 
-* **closed form** for ``forward_kl``, ``reverse_kl`` and ``jsd`` (the common objectives): a few
+* **closed form** for ``forward_kl``, ``reverse_kl``, ``jsd`` and the skew KLs: a few
   in-place passes over the chunk, no autograd graph. With ``u = z / T``, ``q = softmax(u)``,
   ``p = softmax(t / T)``:
 
@@ -38,12 +39,16 @@ Gradients w.r.t. the chunk logits come from one of two paths:
   - reverse KL: ``dL/du = q * (d - L)`` with ``d = log q - log p`` and ``L = sum q d``;
   - generalised JSD(beta), ``m = beta p + (1 - beta) q``:
     ``dL/du = (1 - beta) q * (log q - log m - KL(q || m))``;
+  - skew forward KL(alpha), ``KL(p || m)``, ``m = alpha p + (1 - alpha) q``:
+    ``dL/du = (1 - alpha) q * (S - p / m)`` with ``S = sum q p / m``;
+  - skew reverse KL(alpha), ``KL(q || m)``, ``m = alpha q + (1 - alpha) p``:
+    ``dL/du = q * (a - sum q a)`` with ``a = log q - log m - alpha q / m``;
 
   and ``dL/dz = dL/du / T``. If a chunk produces a non-finite value (e.g. ``-inf`` teacher logits
   with exact zero probabilities), the chunk is recomputed with the generic path, which reproduces
   the dense semantics exactly.
 * **generic**, for every other entry of :data:`potstill.losses.divergences.PER_POSITION`
-  (skew KLs, TVD, and anything registered later): the chunk logits become an autograd leaf, the
+  (TVD, and anything registered later): the chunk logits become an autograd leaf, the
   per-position function runs under ``torch.enable_grad()`` and ``torch.autograd.grad`` returns the
   gradient w.r.t. the chunk logits. New divergences added to ``PER_POSITION`` work automatically.
 
@@ -86,7 +91,7 @@ fewer than :data:`MIN_CHUNK_ROWS` = 128 rows as long as those fit in :data:`MAX_
 128 MiB: 168 rows at V = 49,152 and 128 rows at V = 262,144 in float32. Small chunks keep the
 engine's memory well below a dense loss's (the fixed part of training, weights + gradients +
 optimizer state, then dominates); below ~128 rows the GEMMs lose efficiency. The closed-form paths keep
-four (forward/reverse KL: both sides' log-probs and probs) or five (JSD: + log m) such buffers
+four (forward/reverse KL: both sides' log-probs and probs) or five (JSD and skew KLs: + log m) such buffers
 alive, plus one for CE at ``T != 1``; sparse targets (sampled, or top-k with forward KL) keep two
 (the student's log-probs and probs), plus one for CE at ``T != 1``; the generic path keeps the
 autograd intermediates of one chunk (about ten buffers). On a 2-core CPU at V = 262,144, 128-row chunks ran ~20% faster than
@@ -104,13 +109,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import Tensor
 
-from potstill.losses import divergences as _div
 from potstill.losses.divergences import PER_POSITION
+from potstill.losses.linear_kernels import (_CLOSED_FORM, _ClosedForm, _coarse_log_probs, _log_softmax_,
+                                            _sampled_kernel, _topk_forward_kl_kernel)
 from potstill.targets import SparseTargets
 
 __all__ = ["linear_divergence", "linear_divergence_parts", "default_chunk_size", "CHUNK_BUDGET_BYTES", "MIN_CHUNK_ROWS",
@@ -136,136 +142,6 @@ def default_chunk_size(vocab_size: int, n_rows: int | None = None, itemsize: int
     if n_rows is not None:
         rows = max(1, min(rows, n_rows))
     return int(rows)
-
-
-# ---------------------------------------------------------------------------------------------
-# closed-form kernels. Inputs ([n, V], owned, may be overwritten except ``q``):
-#   log_q, log_p: log-softmax of the (temperature-scaled) student / teacher logits;
-#   q, p: the matching probabilities; spare: extra scratch buffers.
-# Output: (per-row value [n], G = d value / d(z/T) [n, V] or None). G must not alias ``q``
-# (``q`` is still needed for the fused CE term when T == 1).
-# ---------------------------------------------------------------------------------------------
-
-
-def _dot_(a: Tensor, b: Tensor) -> Tensor:
-    """sum_v a[i, v] b[i, v]; ``b`` may be overwritten (it is, for the vocab-major layout, where a
-    batched GEMV on strided operands is very slow on CPU)."""
-    if a.is_contiguous() and b.is_contiguous():
-        return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(a.shape[0])
-    return b.mul_(a).sum(dim=-1)
-
-
-def _log_softmax_(z: Tensor, prob: Tensor) -> None:
-    """In place: ``z <- log_softmax(z)`` and ``prob <- softmax(z)`` (rows over the last dim).
-
-    Written out (max, shift, exp, sum) because ``torch.logsumexp`` allocates several temporaries of
-    the input's size and is ~4x slower than this on CPU for [64..256, 262144] chunks."""
-    z.sub_(z.amax(dim=-1, keepdim=True))
-    torch.exp(z, out=prob)
-    total = prob.sum(dim=-1, keepdim=True)
-    z.sub_(total.log())
-    prob.div_(total)
-
-
-def _fkl_kernel(log_q, log_p, q, p, spare, want_grad):
-    value = _dot_(p, log_p.sub_(log_q))  # sum p (log p - log q)
-    if not want_grad:
-        return value, None
-    return value, torch.sub(q, p, out=log_p)  # q - p
-
-
-def _rkl_kernel(log_q, log_p, q, p, spare, want_grad):
-    d = torch.sub(log_q, log_p, out=log_p)  # log q - log p
-    if not want_grad:
-        return _dot_(q, d), None
-    qd = d.mul_(q)
-    value = qd.sum(dim=-1)  # L = sum q d
-    return value, qd.addcmul_(q, -value.unsqueeze(1))  # q (d - L)
-
-
-def _jsd_kernel(log_q, log_p, q, p, spare, want_grad, beta: float = 0.5):
-    if beta == 0.0:
-        return _fkl_kernel(log_q, log_p, q, p, spare, want_grad)
-    if beta == 1.0:
-        return _rkl_kernel(log_q, log_p, q, p, spare, want_grad)
-    log_b, log_1b = math.log(beta), math.log1p(-beta)
-    # log m = logaddexp(log p + log beta, log q + log(1 - beta)), in log space as in divergences.py
-    log_p.add_(log_b)
-    log_q.add_(log_1b)
-    log_m = torch.logaddexp(log_p, log_q, out=spare[0])
-    kl_pm = _dot_(p, log_p.sub_(log_m)) - log_b  # sum p (log p - log m)
-    q_dqm = log_q.sub_(log_m).mul_(q)  # q (log q - log m + log(1 - beta))
-    kl_qm = q_dqm.sum(dim=-1) - log_1b
-    value = beta * kl_pm + (1.0 - beta) * kl_qm
-    if not want_grad:
-        return value, None
-    # (1 - beta) q (log q - log m - KL(q || m))
-    return value, q_dqm.addcmul_(q, -(kl_qm + log_1b).unsqueeze(1)).mul_(1.0 - beta)
-
-
-@dataclass(frozen=True)
-class _ClosedForm:
-    per_position: Callable[..., Tensor]  # the PER_POSITION entry this kernel reproduces
-    kernel: Callable[..., Any]
-    n_spare: int  # scratch buffers needed beyond log_q, log_p, q, p
-
-
-_CLOSED_FORM: dict[str, _ClosedForm] = {
-    "forward_kl": _ClosedForm(_div.forward_kl_pp, _fkl_kernel, 0),
-    "reverse_kl": _ClosedForm(_div.reverse_kl_pp, _rkl_kernel, 0),
-    "jsd": _ClosedForm(_div.jsd_pp, _jsd_kernel, 1),
-}
-
-
-# ---------------------------------------------------------------------------------------------
-# sparse-target kernels. Inputs: log_q [n, V] (owned, overwritten), q [n, V] (kept intact), the
-# chunk's SparseTargets (ids long, float tensors in the compute dtype). Same output convention as
-# the closed-form kernels above.
-# ---------------------------------------------------------------------------------------------
-
-
-def _sampled_kernel(log_q: Tensor, q: Tensor, target: SparseTargets, want_grad: bool):
-    ids, w = target.ids, target.weights
-    # weight-0 padding slots must contribute exactly nothing, even where log q is -inf
-    value = -torch.where(w != 0, w * log_q.gather(1, ids), 0).sum(dim=-1)
-    if target.entropy is not None:
-        value = value - target.entropy  # CE(p_hat, q) - H(p): an unbiased estimate of KL(p || q)
-    if not want_grad:
-        return value, None
-    g = torch.mul(q, w.sum(dim=-1, keepdim=True), out=log_q)
-    return value, g.scatter_add_(1, ids, -w)  # (sum w) q - scatter(w)
-
-
-def _topk_forward_kl_kernel(log_q: Tensor, q: Tensor, target: SparseTargets, want_grad: bool):
-    ids, w, tail = target.ids, target.weights, target.tail
-    log_q_top = log_q.gather(1, ids)
-    # the student's tail: logsumexp of log q over the entries outside the top k, in place
-    others = log_q.scatter_(1, ids, float("-inf"))
-    top = others.amax(dim=-1, keepdim=True)
-    top = torch.where(torch.isfinite(top), top, 0)  # k = V: nothing outside, the tail is exactly 0
-    scaled = others.sub_(top).exp_()  # q_v / exp(top) outside the top k, 0 inside
-    total = scaled.sum(dim=-1)
-    log_q_tail = top.squeeze(1) + total.log()
-    value = torch.where(w > 0, w * (w.log() - log_q_top), 0).sum(dim=-1)
-    value = value + torch.where(tail > 0, tail * (tail.log() - log_q_tail), 0)
-    if not want_grad:
-        return value, None
-    # outside the top k: W q_v - tail * q_v / Q_tail, with q_v / Q_tail = scaled_v / total <= 1
-    other_coef = torch.where(total > 0, -tail / total, 0)
-    g = scaled.mul_(other_coef.unsqueeze(1)).addcmul_(q, (w.sum(dim=-1) + tail).unsqueeze(1))
-    return value, g.scatter_add_(1, ids, -w)  # inside: W q_v - w_j
-
-
-def _coarse_log_probs(log_q: Tensor, target: SparseTargets) -> tuple[Tensor, Tensor]:
-    """(student, teacher) log-probabilities of the k + 1 buckets [top-k ids..., everything else]."""
-    top = log_q.gather(1, target.ids)
-    others = log_q.scatter(1, target.ids, float("-inf"))
-    # rows with no finite entry outside the top k have tail 0; a logsumexp over only -inf entries
-    # would give the right value but a NaN gradient, so such rows go through a finite placeholder
-    empty = torch.isneginf(others).all(dim=-1, keepdim=True)
-    tail = torch.logsumexp(others.masked_fill(empty, 0.0), dim=-1, keepdim=True).masked_fill(empty, float("-inf"))
-    teacher = torch.cat([target.weights, target.tail.unsqueeze(1)], dim=1).log()
-    return torch.cat([top, tail], dim=1), teacher
 
 
 # ---------------------------------------------------------------------------------------------
