@@ -5,7 +5,7 @@ config (no augmentation, every label usable, so plain ``F.cross_entropy`` is the
 potstill's masked CE; the ``digits`` recipe differs only in using 20% of the labels) and the digits
 recipes' models: the same student MLP (same seed, so the same init), the same teacher CNN
 (channels [32, 64], hidden [128]; random init, frozen: the compute is that of a trained one), the
-same batches from a ``BatchSource``, AdamW with the engine's two parameter groups (weight decay on
+same batches from a ``BatchSource``, fused AdamW with the engine's two parameter groups (weight decay on
 >= 2-d parameters only), the engine's ``learning_rate`` schedule, global-norm clipping at 5.0,
 batch 64, loss CE + T^2 KL at T=4.
 
@@ -84,7 +84,8 @@ def run_hand(data, teacher: torch.nn.Module, student: torch.nn.Module, cfg: Trai
     batches = BatchSource(data, DATA, BATCH, 1, SEED)
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-                                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=cfg.lr)
+                                   {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=cfg.lr,
+                                  fused=True)
     teacher.eval()
     student.train()
     for step in range(cfg.steps):

@@ -10,6 +10,7 @@ import zlib
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import finite_difference_check
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from potstill.losses import linear as linear_mod
@@ -250,7 +251,7 @@ def test_gradcheck_tiny():
         fn = lambda h, w, b: linear_divergence(h, w, th, tw, student_bias=b, divergence=name,  # noqa: E731
                                                temperature=1.7, mask=mask, chunk_size=2, ce_weight=0.4,
                                                labels=labels, **kw)
-        assert torch.autograd.gradcheck(fn, (h, w, b), eps=1e-6, atol=1e-6), name
+        finite_difference_check(fn, (h, w, b), label=name)
 
 
 def test_bad_arguments():
@@ -517,3 +518,33 @@ def test_row_major_layout_matches_too(name, kw, monkeypatch):
     for teacher_mode in ("hidden", "logits"):
         out = linear_loss(c, name, kw, teacher_mode=teacher_mode, **args)
         assert_close_all(ref, out, gref, grads_of(out, c, True), 1e-10)
+
+
+def test_gradients_are_handed_over_once_and_accumulate_into_a_tied_head():
+    """A tied LM head (the embedding matrix) gets the embedding's gradient plus the loss's; the
+    Function keeps no reference after backward (so autograd can add in place), scales by
+    grad_output in place, and a second backward through the same call raises."""
+    g = torch.Generator().manual_seed(11)
+    vocab, width, n = 13, 4, 9
+    ids = torch.randint(0, vocab, (n,), generator=g)
+    embedding = torch.randn(vocab, width, dtype=torch.float64, generator=g)
+    th, tw = torch.randn(n, 5, dtype=torch.float64, generator=g), torch.randn(vocab, 5, dtype=torch.float64, generator=g)
+
+    def loss(weight, chunked):
+        hidden = torch.tanh(F.embedding(ids, weight)) * 1.3
+        if chunked:
+            return linear_divergence(hidden, weight, th, tw, chunk_size=4, ce_weight=0.5, labels=ids)
+        return (DIVERGENCES["forward_kl"](hidden @ weight.t(), th @ tw.t())
+                + 0.5 * F.cross_entropy(hidden @ weight.t(), ids))
+
+    ours, ref = embedding.clone().requires_grad_(), embedding.clone().requires_grad_()
+    out = loss(ours, True)
+    (3.0 * out).backward()
+    (3.0 * loss(ref, False)).backward()
+    torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-10, atol=1e-12)
+    assert out.grad_fn.grads is None  # nothing kept after the hand-over
+
+    again = loss(ours, True)
+    torch.autograd.grad(again, [ours], retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        torch.autograd.grad(again, [ours])

@@ -50,13 +50,20 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
 
 
 def make_optimizer(method: Method, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; biases, norms and other 1-d parameters get no weight decay."""
+    """AdamW (fused kernel where the device has one); biases, norms and other 1-d parameters get
+    no weight decay."""
     decay, no_decay = [], []
     for parameter in method.parameters():
         if parameter.requires_grad:
             (decay if parameter.ndim >= 2 else no_decay).append(parameter)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+    try:
+        # torch's default on CPU is a per-tensor loop that allocates two temporaries the size of
+        # each parameter (a 49k x 576 tied embedding: +216 MiB at every step) and is ~8x slower;
+        # the fused kernel updates in place. Devices without one fall back to the default.
+        return torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
 class MetricsLog:

@@ -25,8 +25,9 @@ For each chunk it
 3. immediately folds that gradient into ``grad_hidden[chunk] = g @ W`` and
    ``grad_head += g.T @ h`` (and ``grad_bias += g.sum(0)``), then drops it.
 
-Backward only multiplies the stored gradients by ``grad_output``: nothing is recomputed, and no
-``[N, V]`` tensor exists at any point.
+Backward only multiplies the stored gradients by ``grad_output`` (in place, and keeps no reference
+to them: see :func:`hand_over_grads`; a call can be backpropagated through once): nothing is
+recomputed, and no ``[N, V]`` tensor exists at any point.
 
 Gradients w.r.t. the chunk logits come from one of two paths (the kernels live in
 :mod:`potstill.losses.linear_kernels`):
@@ -187,17 +188,28 @@ class _LinearDivergenceFn(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output: Tensor):
-        grads = ctx.grads
-        scale_is_one = grad_output.numel() == 1 and bool(grad_output == 1)
-        out = []
+        return (*hand_over_grads(ctx, grad_output, "linear_divergence"), None)
+
+
+def hand_over_grads(ctx, grad_output: Tensor, name: str) -> list[Tensor | None]:
+    """The gradients a chunked Function computed in its forward, scaled by ``grad_output`` in place
+    and given to autograd with no reference kept.
+
+    Keeping one would stop autograd from accumulating into the tensor in place: a tied LM head
+    (the embedding's own dense gradient arrives second) would then cost a third [V, H] buffer.
+    The price is that a graph can be backpropagated through once: a second backward (e.g.
+    ``retain_graph=True`` and backward again) raises instead of returning wrong gradients.
+    """
+    grads, ctx.grads = ctx.grads, None
+    if grads is None:
+        raise RuntimeError(f"{name}: backward ran twice through the same call. Its gradients are computed "
+                           "in the forward pass and handed over by the first backward; to differentiate "
+                           "again, call it again.")
+    if not (grad_output.numel() == 1 and bool(grad_output == 1)):
         for g in grads:
-            if g is None:
-                out.append(None)
-            elif scale_is_one:
-                out.append(g)
-            else:
-                out.append(g * grad_output.to(g.dtype))
-        return out[0], out[1], out[2], None
+            if g is not None:
+                g.mul_(grad_output.to(g.dtype))
+    return list(grads)
 
 
 _VOCAB_MAJOR = True

@@ -3,7 +3,8 @@
 The CE-only counterpart of :func:`potstill.losses.linear.linear_divergence` (the baseline
 student of LM recipes uses it): per chunk of rows, logits = h @ W.T (+ b), the CE sum and its
 closed-form gradient ``softmax(z) - onehot(y)`` are computed in float32 (float64 for float64
-inputs) and folded at once into the hidden/head/bias gradients; backward only scales them.
+inputs) and folded at once into the hidden/head/bias gradients; backward only scales them (once: see
+:func:`potstill.losses.linear.hand_over_grads`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from potstill.losses.linear import default_chunk_size
+from potstill.losses.linear import default_chunk_size, hand_over_grads
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -45,8 +46,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        scaled = [g * grad_output.to(g.dtype) if g is not None else None for g in ctx.grads]
-        return scaled[0], scaled[1], scaled[2], None, None, None, None
+        return (*hand_over_grads(ctx, grad_output, "linear_cross_entropy"), None, None, None, None)
 
 
 def linear_cross_entropy(hidden: Tensor, head: Tensor, labels: Tensor, *, bias: Tensor | None = None,
@@ -56,7 +56,7 @@ def linear_cross_entropy(hidden: Tensor, head: Tensor, labels: Tensor, *, bias: 
 
     hidden [N, H], head [V, H], labels [N]. ``num_items`` replaces the count of non-ignored rows
     as the normaliser (pass the target tokens of a whole accumulated batch under gradient
-    accumulation). At most ``chunk_size`` x V logits exist at a time (default: 64 MiB budget).
+    accumulation). At most ``chunk_size`` x V logits exist at a time (default: :func:`potstill.losses.linear.default_chunk_size`).
     """
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1).long()
