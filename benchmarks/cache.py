@@ -3,7 +3,8 @@
 **Stores.** Three stores of one recipe's teacher and data (default ``smollm2``: SmolLM2-135M-Instruct,
 V = 49,152) are built with the product command, ``potstill cache RECIPE --format F --out DIR``:
 
-* ``sampled``: k = 20 draws per position (``potstill cache``'s default; ``--sampled-k``);
+* ``sampled``: ``potstill cache``'s default, the 6 most probable ids exact and 12 draws from the
+  rest (``--sampled-k`` sets the draws);
 * ``topk``: the largest k whose bytes/token (the manifest's size formula) do not exceed sampled's,
   i.e. equal bytes; never chosen on any metric (``--topk-k`` forces one);
 * ``dense``: fp16 log-probs over the whole vocabulary.

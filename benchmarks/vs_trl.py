@@ -3,7 +3,8 @@
 Both sides train the same student (``make_student(teacher, num_layers=1, init="teacher_layers")``,
 31.9 M of the teacher's 134.5 M parameters) on the same batches (packed pydoc text, every token a
 target, in potstill's ``LMBatches`` order; TRL reads them sequentially) with the same optimizer
-(torch AdamW, constant lr, no weight decay, grad-norm clipping at 1.0, float32, no gradient
+(torch AdamW: TRL's default per-tensor loop for ``trl``, the fused kernel for ``trl+fused`` and
+potstill; constant lr, no weight decay, grad-norm clipping at 1.0, float32, no gradient
 checkpointing) and the same objective, KL(teacher || student) per target token at T = 1.
 
 * ``trl``: ``trl.experimental.gkd.GKDTrainer`` with ``lmbda=0`` (off-policy: never generates) and
@@ -11,6 +12,10 @@ checkpointing) and the same objective, KL(teacher || student) per target token a
   forward KL). TRL 1.16's ``DistillationTrainer`` is on-policy only (the student always generates).
   Per step: teacher forward with [B, T, V] logits, student forward with [B, T, V] logits, dense
   log-softmaxes and KL over [B, T-1, V], backward, clip, AdamW.
+* ``trl+fused``: the same with ``optim="adamw_torch_fused"``, the fused AdamW kernel potstill's
+  engine uses (TRL/transformers' default ``adamw_torch`` is torch's per-tensor loop on CPU, which
+  allocates two temporaries the size of each parameter at every step). Not TRL's default, but one
+  option away: it shows how much of the difference is the optimizer alone.
 * ``potstill``: ``potstill.engine.trainer.train``, method ``lm_kd`` (``forward_kl``), ``LMTeacher`` run
   every step (decoder forward to hidden states; the loss goes chunk by chunk over the vocabulary).
 * ``potstill+precompute``: the same after ``LMTeacher.precompute`` over the training set (one epoch
@@ -57,7 +62,7 @@ from potstill.eval.metrics import PeakMemory  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks.md"
 START, END = "<!-- vs_trl:start -->", "<!-- vs_trl:end -->"
-CONFIGS = ("trl", "potstill", "potstill+precompute")
+CONFIGS = ("trl", "trl+fused", "potstill", "potstill+precompute")
 TEACHER = "smollm2-135m-instruct"
 
 
@@ -115,7 +120,7 @@ def run_trl(args, teacher, tokenizer, student, data, batches, total, clock) -> d
     config = GKDConfig(
         output_dir=args.tmp, lmbda=0.0, beta=0.0, temperature=1.0, seq_kd=False, max_steps=total,
         per_device_train_batch_size=args.batch, gradient_accumulation_steps=1, learning_rate=args.lr,
-        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
+        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch_fused" if args.worker == "trl+fused" else "adamw_torch",
         bf16=False, gradient_checkpointing=False, train_sampling_strategy="sequential", logging_steps=total,
         save_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0, seed=0,
         max_length=args.seq_len)
@@ -161,7 +166,7 @@ def worker(args) -> None:
     clock = Clock(last=args.warmup + args.steps)
     with tempfile.TemporaryDirectory() as tmp:
         args.tmp = tmp
-        if args.worker == "trl":
+        if args.worker.startswith("trl"):
             record = run_trl(args, teacher, tokenizer, student, data, batches, total, clock)
         else:
             record = run_potstill(args, teacher, tokenizer, student, data, batches, total, clock,
@@ -196,18 +201,22 @@ def summary(runs: list[dict]) -> dict:  # medians over repeats; losses from the 
 
 
 def table(results: dict[str, dict], epochs: int) -> str:
-    trl = results.get("trl")
+    trl, fused = results.get("trl"), results.get("trl+fused")
+
+    def ratios(r, ref):
+        return f"{r['steps_per_s'] / ref['steps_per_s']:.2f}x | {r['peak_mb'] / ref['peak_mb']:.2f}x |" if ref else "- | - |"
+
     rows = ["| configuration | steps/s | median s/step | CPU s/step | one-off teacher pass | steps/s incl. one-off, "
-            f"1 epoch / {epochs} epochs | peak RSS growth | speed vs TRL | memory vs TRL |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            f"1 epoch / {epochs} epochs | peak RSS growth | speed vs TRL | memory vs TRL | speed vs TRL+fused | "
+            "memory vs TRL+fused |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
         one_off, n = r["precompute_s"], r["total_steps"]
         amortised = [e * n / (e * n / r["steps_per_s"] + one_off) for e in (1, epochs)]
         rows.append(f"| {name} | {r['steps_per_s']:.3f} | {r['median_step_s']:.2f} | {r['cpu_step_s']:.2f} | "
                     + (f"{one_off:.0f} s ({n * r['batch']} seqs)" if one_off else "-")
                     + f" | {amortised[0]:.3f} / {amortised[1]:.3f} | {r['peak_mb']:.0f} MiB | "
-                    + (f"{r['steps_per_s'] / trl['steps_per_s']:.2f}x | {r['peak_mb'] / trl['peak_mb']:.2f}x |"
-                       if trl else "- | - |"))
+                    + ratios(r, trl) + " " + ratios(r, fused))
     return "\n".join(rows)
 
 
@@ -253,7 +262,7 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    names = list(CONFIGS) + ([f"{n} chunk={args.chunk_size}" for n in CONFIGS[1:]] if args.chunk_size else [])
+    names = list(CONFIGS) + ([f"{n} chunk={args.chunk_size}" for n in CONFIGS[2:]] if args.chunk_size else [])
     if args.only:
         unknown = set(args.only) - set(names)
         if unknown:
