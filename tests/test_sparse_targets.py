@@ -597,12 +597,12 @@ def test_bf16_student_inputs(kind, name, kw):
 
 
 class _Recorder(TorchDispatchMode):
-    """Counts matrix products and records the largest tensor any op newly allocates (elements)."""
+    """Counts matrix products and records the size (elements) of every tensor an op newly allocates."""
 
     def __init__(self):
         super().__init__()
         self.gemms = 0
-        self.largest = 0
+        self.sizes: list[tuple[int, str]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -612,7 +612,7 @@ class _Recorder(TorchDispatchMode):
                   if isinstance(x, torch.Tensor)}
         for x in torch.utils._pytree.tree_leaves(out):
             if isinstance(x, torch.Tensor) and x.untyped_storage().data_ptr() not in inputs:
-                self.largest = max(self.largest, x.untyped_storage().nbytes() // x.element_size())
+                self.sizes.append((x.untyped_storage().nbytes() // x.element_size(), str(func)))
         return out
 
 
@@ -639,7 +639,13 @@ def test_no_teacher_gemm_and_no_full_logits():
         with _Recorder() as rec:
             call().backward()
         costs[label] = rec.gemms
-        assert rec.largest <= chunk * v, (label, rec.largest)
+        # linear_divergence makes one workspace for its chunk buffers (at most 6 chunks of logits);
+        # nothing else, in either function, is larger than one chunk of logits
+        sizes = sorted(rec.sizes, reverse=True)
+        if sizes[0][1] == "aten.empty.memory_format" and sizes[0][0] > chunk * v:
+            assert sizes[0][0] % (chunk * v) == 0 and sizes[0][0] <= 6 * chunk * v, (label, sizes[0])
+            sizes = sizes[1:]
+        assert sizes[0][0] <= chunk * v, (label, sizes[0])
     chunks = n // chunk
     # one GEMM for the logits and two for the gradients per chunk, as in linear_cross_entropy
     assert costs["ce"] == costs["sampled"] == costs["sampled+ce"] == costs["topk-fkl"] == 3 * chunks

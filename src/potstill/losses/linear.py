@@ -278,8 +278,12 @@ def _run(h: Tensor, w: Tensor, b: Tensor | None, cfg: _Config):
     n_bufs = 1 + teacher_bufs
     if closed is not None:
         n_bufs += 1 + teacher_bufs + closed.n_spare + (1 if ce_needs_extra else 0)
-    # flat storage, viewed per chunk as [n, V] (see _chunk_view for the layout)
-    flats = [torch.empty(chunk * vocab, dtype=cd, device=dev) for _ in range(n_bufs)] if n_active else []
+    # flat storage, viewed per chunk as [n, V] (see _chunk_view for the layout). One allocation for
+    # all buffers: on CPU, glibc serves a block this large with mmap and unmaps it when the call
+    # ends, where several ~32 MiB blocks would come from the heap and could stay resident through
+    # the backward pass (measured: ~110 MiB more peak RSS for a SmolLM2 student).
+    workspace = torch.empty(n_bufs * chunk * vocab, dtype=cd, device=dev) if n_active else None
+    flats = list(workspace.view(n_bufs, chunk * vocab).unbind(0)) if n_active else []
 
     inv_kd = 1.0 / cfg.kd_denom
     inv_ce = cfg.ce_weight / cfg.ce_denom
