@@ -26,11 +26,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros_like(w)
         grad_b = torch.zeros_like(b) if b is not None else None
         total = torch.zeros((), dtype=cd)
+        # both chunk buffers in one allocation (see linear_divergence's workspace: on CPU, one large
+        # block is mmapped and returned when the call ends instead of lingering on the heap)
+        rows_per_chunk = min(chunk_size, len(rows))
+        workspace = torch.empty(2, rows_per_chunk * w.shape[0], dtype=cd, device=h.device) if len(rows) else None
         for start in range(0, len(rows), chunk_size):
             index = rows[start:start + chunk_size]
             hs, ys = h.index_select(0, index), labels.index_select(0, index)
-            z = hs @ w.t() if b is None else torch.addmm(b, hs, w.t())
-            log_p = torch.log_softmax(z, dim=-1)
+            z = workspace[0, : len(index) * w.shape[0]].view(len(index), w.shape[0])
+            log_p = workspace[1, : len(index) * w.shape[0]].view(len(index), w.shape[0])
+            if b is None:
+                torch.mm(hs, w.t(), out=z)
+            else:
+                torch.addmm(b, hs, w.t(), out=z)
+            torch.log_softmax(z, dim=-1, out=log_p)
             total -= log_p.gather(1, ys[:, None]).sum()
             g = log_p.exp_()
             g[torch.arange(len(index)), ys] -= 1.0
