@@ -59,8 +59,8 @@ def make_optimizer(method: Method, cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     try:
         # torch's default on CPU is a per-tensor loop that allocates two temporaries the size of
-        # each parameter (a 49k x 576 tied embedding: +216 MiB at every step) and is ~8x slower;
-        # the fused kernel updates in place. Devices without one fall back to the default.
+        # each parameter (a 49k x 576 tied embedding: +216 MiB at every step) and is slower; the
+        # fused kernel updates in place. Devices without one fall back to the default.
         return torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
     except (RuntimeError, ValueError):
         return torch.optim.AdamW(groups, lr=cfg.lr)

@@ -281,7 +281,7 @@ def _run(h: Tensor, w: Tensor, b: Tensor | None, cfg: _Config):
     # flat storage, viewed per chunk as [n, V] (see _chunk_view for the layout). One allocation for
     # all buffers: on CPU, glibc serves a block this large with mmap and unmaps it when the call
     # ends, where several ~32 MiB blocks would come from the heap and could stay resident through
-    # the backward pass (measured: ~110 MiB more peak RSS for a SmolLM2 student).
+    # the backward pass (benchmarks/vs_trl.py: 666 -> 577 MiB peak RSS growth for a SmolLM2 student).
     workspace = torch.empty(n_bufs * chunk * vocab, dtype=cd, device=dev) if n_active else None
     flats = list(workspace.view(n_bufs, chunk * vocab).unbind(0)) if n_active else []
 
