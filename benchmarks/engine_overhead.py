@@ -179,12 +179,13 @@ def rows(result: dict) -> list[list[str]]:
 HEADER = ["student", "threads", "variant", "wall ms/step", "wall ÷ hand", "CPU ms/step", "CPU ÷ hand"]
 
 
-def markdown(results: list[dict], args, command: str) -> str:
+def markdown(results: list[dict], args, command: str, loads: list[float]) -> str:
     repeats = ", ".join(f"{r['repeats']} at {r['threads']} thread(s)" for r in results[::2])
     lines = [START, "## Engine overhead: `train()` vs a hand-written KD loop", "",
              f"`{command}`, {_dt.date.today().isoformat()}, {platform.machine()} CPU with {os.cpu_count()} "
-             "cores, shared with other jobs while measuring (load average well above the core count: timings are "
-             f"noisy, 2-thread ones badly so), torch {torch.__version__}, Python {platform.python_version()}.", "",
+             f"cores (1-minute load average {min(loads):.1f}-{max(loads):.1f} during the runs, which add up to "
+             f"their own thread count; more means other jobs: timings are then noisy), torch {torch.__version__}, "
+             f"Python {platform.python_version()}.", "",
              f"Digits 8x8 (data of recipe `digits-full`: all labels, no augmentation), batch {BATCH}, teacher "
              f"CNN channels {TEACHER.channels} hidden {TEACHER.hidden}, KD at T={T:g}; {args.steps} steps per run, "
              f"steps {WARMUP + 1}..{args.steps - 1} timed (no evaluation, logging or checkpoint among them); "
@@ -232,14 +233,15 @@ def main() -> None:
     data = load_classification(DATA)
     torch.manual_seed(1234)
     teacher = build_classifier(TEACHER, data.input_shape, data.num_classes)
-    results = []
+    results, loads = [], [os.getloadavg()[0]]
     for threads in args.threads:
         for hidden in ([32], [512, 512]):
             results.append(bench(data, teacher, hidden, threads, args.steps, repeats[threads]))
             for row in rows(results[-1]):
                 print(" | ".join(row), flush=True)
             print(results[-1]["equiv"], flush=True)
-    section = markdown(results, args, " ".join(["python benchmarks/engine_overhead.py", *sys.argv[1:]]))
+            loads.append(os.getloadavg()[0])
+    section = markdown(results, args, " ".join(["python benchmarks/engine_overhead.py", *sys.argv[1:]]), loads)
     print(section)
     if args.write_docs:
         write_docs(section)

@@ -60,3 +60,15 @@ def finite_difference_check(fn, inputs, *, eps: float = 1e-6, atol: float = 1e-6
                 numeric[i] = (values[0] - values[1]) / (2 * eps)
             torch.testing.assert_close(grad.reshape(-1), numeric, atol=atol, rtol=rtol,
                                        msg=lambda m, index=index: f"{label} input {index}: {m}")
+
+
+def assert_chunk_bounded(sizes: list[tuple[int, str]], chunk_numel: int, label: object = "") -> None:
+    """The allocations ``(elements, op)`` of one chunked-loss call stay within its bound: at most
+    one workspace (a single ``empty`` holding at most 6 chunk buffers: 3 per side), and nothing
+    else larger than one chunk of logits."""
+    rest = sorted(sizes, reverse=True)
+    numel, op = rest[0]
+    if op == "aten.empty.memory_format" and numel > chunk_numel:
+        assert numel % chunk_numel == 0 and numel <= 6 * chunk_numel, (label, "workspace", numel, op)
+        rest = rest[1:]
+    assert not rest or rest[0][0] <= chunk_numel, (label, rest[0])

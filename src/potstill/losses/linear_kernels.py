@@ -2,8 +2,8 @@
 
 Each kernel turns one chunk of logits (already log-softmaxed, in buffers the engine owns and lets
 it overwrite) into per-row values and the gradient with respect to the temperature-scaled student
-logits, in place where possible: closed forms for forward KL, reverse KL and JSD against a dense
-teacher, and for the two kinds of sparse teacher targets (sampled: unbiased cross-entropy; top-k:
+logits, in place where possible: closed forms for forward KL, reverse KL, JSD and the two skew
+KLs against a dense teacher, and for the two kinds of sparse teacher targets (sampled: unbiased cross-entropy; top-k:
 forward KL on the k + 1 buckets, plus the bucket log-probabilities for every other divergence).
 The engine falls back to local autograd for anything without a closed form.
 """
@@ -50,6 +50,17 @@ def _log_softmax_(z: Tensor, prob: Tensor) -> None:
     prob.div_(total)
 
 
+def _log_mixture_(log_x: Tensor, log_y: Tensor, weight: float, out: Tensor) -> tuple[Tensor, float, float]:
+    """``log m = log(weight x + (1 - weight) y)`` into ``out``, in log space (as divergences.py does).
+
+    ``log_x`` and ``log_y`` are shifted in place by ``log weight`` and ``log(1 - weight)``, which the
+    callers then use. Returns (log m, log weight, log(1 - weight)); 0 < weight < 1."""
+    log_w, log_1w = math.log(weight), math.log1p(-weight)
+    log_x.add_(log_w)
+    log_y.add_(log_1w)
+    return torch.logaddexp(log_x, log_y, out=out), log_w, log_1w
+
+
 def _fkl_kernel(log_q, log_p, q, p, spare, want_grad):
     value = _dot_(p, log_p.sub_(log_q))  # sum p (log p - log q)
     if not want_grad:
@@ -71,11 +82,7 @@ def _jsd_kernel(log_q, log_p, q, p, spare, want_grad, beta: float = 0.5):
         return _fkl_kernel(log_q, log_p, q, p, spare, want_grad)
     if beta == 1.0:
         return _rkl_kernel(log_q, log_p, q, p, spare, want_grad)
-    log_b, log_1b = math.log(beta), math.log1p(-beta)
-    # log m = logaddexp(log p + log beta, log q + log(1 - beta)), in log space as in divergences.py
-    log_p.add_(log_b)
-    log_q.add_(log_1b)
-    log_m = torch.logaddexp(log_p, log_q, out=spare[0])
+    log_m, log_b, log_1b = _log_mixture_(log_p, log_q, beta, spare[0])
     kl_pm = _dot_(p, log_p.sub_(log_m)) - log_b  # sum p (log p - log m)
     q_dqm = log_q.sub_(log_m).mul_(q)  # q (log q - log m + log(1 - beta))
     kl_qm = q_dqm.sum(dim=-1) - log_1b
@@ -90,10 +97,7 @@ def _skew_fkl_kernel(log_q, log_p, q, p, spare, want_grad, alpha: float = 0.1):
     """KL(p || m), m = alpha p + (1 - alpha) q: dL/du = (1 - alpha) q (S - p / m), S = sum q p / m."""
     if alpha == 0.0:
         return _fkl_kernel(log_q, log_p, q, p, spare, want_grad)
-    log_a, log_1a = math.log(alpha), math.log1p(-alpha)
-    log_p.add_(log_a)
-    log_q.add_(log_1a)
-    log_m = torch.logaddexp(log_p, log_q, out=spare[0])
+    log_m, log_a, _ = _log_mixture_(log_p, log_q, alpha, spare[0])
     d = log_p.sub_(log_m)  # log p - log m + log alpha
     ratio = torch.sub(d, log_a, out=spare[0]).exp_()  # p / m (log m is no longer needed)
     value = _dot_(p, d) - log_a  # sum p (log p - log m); may overwrite d
@@ -108,10 +112,7 @@ def _skew_rkl_kernel(log_q, log_p, q, p, spare, want_grad, alpha: float = 0.1):
     """KL(q || m), m = alpha q + (1 - alpha) p: dL/du = q (a - sum q a), a = log q - log m - alpha q / m."""
     if alpha == 0.0:
         return _rkl_kernel(log_q, log_p, q, p, spare, want_grad)
-    log_a, log_1a = math.log(alpha), math.log1p(-alpha)
-    log_q.add_(log_a)
-    log_p.add_(log_1a)
-    log_m = torch.logaddexp(log_q, log_p, out=spare[0])
+    log_m, log_a, _ = _log_mixture_(log_q, log_p, alpha, spare[0])
     d = log_q.sub_(log_m)  # log(alpha q / m)
     value = torch.mul(q, d, out=spare[0]).sum(dim=-1) - log_a  # sum q (log q - log m)
     if not want_grad:
