@@ -1,7 +1,7 @@
 import pytest
 
 from potstill.config import apply_overrides, load_recipe
-from potstill.errors import UserError
+from potstill.core.errors import UserError
 
 
 def test_builtin_recipe_loads_with_defaults():

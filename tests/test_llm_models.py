@@ -14,7 +14,7 @@ import torch.nn.functional as F
 pytest.importorskip("transformers")
 
 from potstill.data.text import encode_chat, collate_chat, pydoc_documents, train_tiny_tokenizer  # noqa: E402
-from potstill.errors import UserError  # noqa: E402
+from potstill.core.errors import UserError  # noqa: E402
 from potstill.eval.lm_metrics import evaluate_lm, greedy_generate  # noqa: E402
 from potstill.models import hf  # noqa: E402
 from potstill.models.hf import (  # noqa: E402

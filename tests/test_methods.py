@@ -5,7 +5,7 @@ import torch
 
 from potstill.config import ClassifierModelConfig, DataConfig
 from potstill.data.classification import BatchSource, load_classification
-from potstill.errors import UserError
+from potstill.core.errors import UserError
 from potstill.methods import METHODS, method_config
 from potstill.models.classifiers import build_classifier
 from potstill.teachers.local import LocalTeacher

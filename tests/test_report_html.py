@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from potstill.errors import UserError
+from potstill.core.errors import UserError
 from potstill.eval.html import render_html
 
 SEEDS = [0, 1, 2]

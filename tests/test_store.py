@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from potstill.data.order import keyed_generator
-from potstill.errors import UserError
+from potstill.core.errors import UserError
 from potstill.store.manifest import TeacherIdentity, bytes_per_token, check_setup, load_manifest
 from potstill.store.reader import StoreReader
 from potstill.store.source import StoreSource

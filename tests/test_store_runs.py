@@ -20,7 +20,7 @@ from helpers import TINY_RECIPE, potstill
 from potstill.config import load_recipe, load_recipe_data
 from potstill.data.classification import BatchSource
 from potstill.engine.run import run_recipe
-from potstill.errors import UserError
+from potstill.core.errors import UserError
 from potstill.methods.kd import KD
 from potstill.models.classifiers import build_classifier
 from potstill.store.reader import StoreReader

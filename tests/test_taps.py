@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from potstill.engine.taps import FeatureTaps, build_connector, probe_shapes, resolve_module
-from potstill.errors import UserError
+from potstill.core.errors import UserError
 
 
 def model():

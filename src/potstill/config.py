@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from potstill.errors import UserError
+from potstill.core.errors import UserError
 
 
 class Strict(BaseModel):

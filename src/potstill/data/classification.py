@@ -15,7 +15,7 @@ from torch import Tensor
 
 from potstill.config import DataConfig
 from potstill.data.order import StepOrder, keyed_generator
-from potstill.errors import UserError
+from potstill.core.errors import UserError
 
 
 @dataclass

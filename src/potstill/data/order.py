@@ -11,7 +11,7 @@ import hashlib
 import torch
 from torch import Tensor
 
-from potstill.errors import UserError
+from potstill.core.errors import UserError
 
 
 def keyed_generator(*keys: int) -> torch.Generator:

@@ -26,7 +26,7 @@ from rich.table import Table
 import potstill
 from potstill.config import dump_recipe, load_recipe
 from potstill.engine.checkpoint import atomic_write_json, atomic_write_text
-from potstill.errors import UserError
+from potstill.core.errors import UserError
 from potstill.eval.metrics import summarize
 
 

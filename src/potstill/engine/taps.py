@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from potstill.errors import UserError
+from potstill.core.errors import UserError
 
 
 def resolve_module(model: nn.Module, path: str, role: str = "model") -> nn.Module:

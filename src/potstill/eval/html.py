@@ -29,7 +29,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from potstill.errors import UserError
+from potstill.core.errors import UserError
 
 KNOWN_ORDER = ["accuracy", "perplexity", "agreement", "kl_to_teacher", "ece", "params"]
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]

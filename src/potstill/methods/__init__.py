@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 
 from potstill.config import validate
-from potstill.errors import UserError
+from potstill.core.errors import UserError
 from potstill.methods.at import AttentionTransfer
 from potstill.methods.base import Method
 from potstill.methods.ce import CrossEntropy

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pydantic import Field
 from torch import Tensor
 
-from potstill.errors import UserError
+from potstill.core.errors import UserError
 from potstill.losses.features import attention_transfer
 from potstill.methods.base import weighted
 from potstill.methods.feature_base import FeatureConfig, FeatureMethod

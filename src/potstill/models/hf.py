@@ -61,7 +61,7 @@ from typing import Any
 
 import torch
 
-from potstill.errors import UserError
+from potstill.core.errors import UserError
 
 __all__ = [
     "BUILTIN_MODELS",

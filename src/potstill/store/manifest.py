@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from potstill.engine.checkpoint import atomic_write_json
-from potstill.errors import UserError
+from potstill.core.errors import UserError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from potstill.errors import UserError
+from potstill.core.errors import UserError
 from potstill.store.manifest import Manifest, ShardInfo, load_manifest, manifest_digest, sha256_file
 
 

@@ -17,7 +17,7 @@ import torch
 from pydantic import BaseModel
 from torch import Tensor
 
-from potstill.errors import UserError
+from potstill.core.errors import UserError
 from potstill.store.manifest import TeacherIdentity
 
 

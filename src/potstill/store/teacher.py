@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from potstill.errors import UserError
+from potstill.core.errors import UserError
 from potstill.store.reader import StoreReader, decode_ids
 from potstill.targets import SparseTargets
 from potstill.teachers.base import TeacherOutput

@@ -21,7 +21,7 @@ from torch import Tensor
 
 import potstill
 from potstill.data.order import keyed_generator
-from potstill.errors import UserError
+from potstill.core.errors import UserError
 from potstill.store.manifest import (DEFAULT_EXACT, MANIFEST, HeldOut, Manifest, ShardInfo, bytes_per_token,
                                      default_k, ids_dtype, load_manifest, save_manifest, settings_difference,
                                      sha256_file)

@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from potstill.cache import cache_dir
+from potstill.core.paths import cache_dir
 from potstill.config import ClassificationRecipe, StudentConfig
 from potstill.data.classification import BatchSource, load_classification
 from potstill.engine.checkpoint import atomic_write_json, save_tensors
 from potstill.engine.trainer import train
-from potstill.errors import UserError
+from potstill.core.errors import UserError
 from potstill.eval.metrics import classification_metrics, latency_ms, predict, reliability
 from potstill.methods import method_class, method_config
 from potstill.methods.ce import CrossEntropy

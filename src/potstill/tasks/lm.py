@@ -24,14 +24,14 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file
 
-from potstill.cache import cache_dir
+from potstill.core.paths import cache_dir
 from potstill.config import LMRecipe, StudentConfig
 from potstill.data.order import StepOrder
 from potstill.data.text import (PROMPTS, encode_chat, generate_responses, pack_documents, pydoc_documents, split,
                                 train_tiny_tokenizer)
 from potstill.engine.checkpoint import atomic_write_json, save_tensors
 from potstill.engine.trainer import train
-from potstill.errors import UserError
+from potstill.core.errors import UserError
 from potstill.eval.lm_metrics import evaluate_lm, greedy_generate
 from potstill.eval.metrics import PeakMemory
 from potstill.methods import method_class, method_config

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from potstill.errors import UserError
+from potstill.core.errors import UserError
 from potstill.models.hf import lm_hidden_and_head
 from potstill.teachers.base import TeacherOutput
 
