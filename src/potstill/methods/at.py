@@ -11,6 +11,7 @@ from torch import Tensor
 
 from potstill.core.errors import UserError
 from potstill.losses.features import attention_transfer
+from potstill.batches import ClassBatch
 from potstill.methods.base import weighted
 from potstill.methods.feature_base import FeatureConfig, FeatureMethod
 
@@ -30,7 +31,7 @@ class AttentionTransfer(FeatureMethod):
             raise UserError(f"attention transfer cannot pair {where}: student {student_shape} and teacher "
                             f"{teacher_shape} need feature maps with the same spatial size")
 
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def forward(self, batch: ClassBatch) -> dict[str, Tensor]:
         cfg = self.config
         logits, feature, teacher_logits, teacher_feature = self.student_and_teacher(batch)
         losses = {

@@ -3,23 +3,47 @@
 A method owns the student and its trainable extras (connectors, memory banks), so its
 ``state_dict`` is exactly what a checkpoint must hold. The teacher is kept outside the module
 tree: it is never trained, never checkpointed with the student, and never moved by ``.train()``.
-``forward(batch)`` returns a dict of named, already weighted losses; the engine sums them and
-logs each one.
+``forward(batch)`` returns a dict of named, already weighted losses; the engine sums the ones that
+carry gradients and logs each one.
+
+What a method may add to a training step, each with a do-nothing default:
+
+* :meth:`Method.needs`: what it needs from the teacher (checked against the teacher's capabilities
+  before step one).
+* :meth:`Method.setup`: a dry run on a sample batch (probe shapes, build connectors).
+* :meth:`Method.prepare_step`: turn the step's dataset micro-batches into what it trains on
+  (student rollouts, replayed samples) before any backward.
+* :meth:`Method.param_groups`: more than one optimizer or parameter group.
+* :meth:`Method.components`: state beyond ``state_dict`` (a replay buffer, EMA weights) that is
+  saved in the same atomic checkpoint and restored exactly.
+* :meth:`Method.after_step`: work after each optimizer step (an EMA update, a buffer refresh).
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from potstill.batches import Batch, ClassBatch
 from potstill.config import Strict
-from potstill.teachers.base import Teacher
+from potstill.teachers.base import Capability, Need, Teacher
+
+LOGIT_NEED = Need(frozenset({Capability.LOGITS}), "the teacher's logits")
+
+
+class Component(Protocol):
+    """Checkpointed state that is not a module's: tensors in, tensors out (no pickle)."""
+
+    def state_dict(self) -> dict[str, Tensor]: ...
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None: ...
 
 
 class Method(nn.Module):
     name = "base"
-    uses_teacher = True
 
     class Config(Strict):
         pass
@@ -31,25 +55,57 @@ class Method(nn.Module):
         self.config = config
         self.num_classes = num_classes
         self.num_train = num_train
-        self.progress = 0.0  # fraction of training done, set by the engine each step
+        self.progress = 0.0  # fraction of training done, set by the trainer each step
         self.__dict__["teacher"] = teacher  # not a submodule on purpose
 
-    def setup(self, sample_batch: dict[str, Tensor]) -> None:
+    @classmethod
+    def needs(cls, config: Strict) -> list[Need]:
+        """What this method needs from its teacher (empty: it trains without one)."""
+        return [LOGIT_NEED]
+
+    @classmethod
+    def uses_teacher(cls, config: Strict) -> bool:
+        return bool(cls.needs(config))
+
+    def setup(self, sample_batch: Batch) -> None:
         """Dry-run hook: build connectors from probed shapes. Nothing to do by default."""
 
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def prepare_step(self, step: int, micro_batches: list[Batch]) -> list[Batch]:
+        """The batches this step trains on, planned before any backward (rollouts go here)."""
+        return micro_batches
+
+    def param_groups(self, weight_decay: float) -> list[list[dict]]:
+        """Parameter groups per optimizer: one AdamW, with no decay on biases, norms and other 1-d
+        parameters. A method with several optimizers returns one list of groups for each; a group may
+        carry ``lr_scale`` (a factor on the schedule's learning rate)."""
+        decay, no_decay = [], []
+        for parameter in self.parameters():
+            if parameter.requires_grad:
+                (decay if parameter.ndim >= 2 else no_decay).append(parameter)
+        return [[{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]]
+
+    def components(self) -> dict[str, Component]:
+        return {}
+
+    def after_step(self, step: int) -> None:
+        """Called after every optimizer step, before evaluation and checkpointing."""
+
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
         raise NotImplementedError
 
 
-def labelled_cross_entropy(logits: Tensor, batch: dict[str, Tensor]) -> Tensor:
+def labelled_cross_entropy(logits: Tensor, batch: ClassBatch) -> Tensor:
     """Cross-entropy over the examples whose labels students may use (others give no label signal)."""
-    labelled = batch["labelled"]
+    labelled = batch.labelled
     if bool(labelled.all()):
-        return F.cross_entropy(logits.float(), batch["y"])
-    losses = F.cross_entropy(logits.float(), batch["y"], reduction="none")
+        return F.cross_entropy(logits.float(), batch.y)
+    losses = F.cross_entropy(logits.float(), batch.y, reduction="none")
     return (losses * labelled).sum() / labelled.sum().clamp(min=1)
 
 
 def weighted(weight: float, loss: Tensor) -> Tensor:
     """``weight * loss``, skipping the multiply (an autograd op) for weight 1."""
     return loss if weight == 1.0 else weight * loss
+
+
+__all__ = ["Component", "LOGIT_NEED", "Method", "labelled_cross_entropy", "torch", "weighted"]

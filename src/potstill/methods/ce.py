@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from potstill.batches import ClassBatch
 from potstill.methods.base import Method, labelled_cross_entropy
 
 
 class CrossEntropy(Method):
     name = "ce"
-    uses_teacher = False
 
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {"ce": labelled_cross_entropy(self.student(batch["x"]), batch)}
+    @classmethod
+    def needs(cls, config) -> list:
+        return []
+
+    def forward(self, batch: ClassBatch) -> dict[str, Tensor]:
+        return {"ce": labelled_cross_entropy(self.student(batch.x), batch)}

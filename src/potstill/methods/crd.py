@@ -11,6 +11,7 @@ from pydantic import Field
 from torch import Tensor
 
 from potstill.losses.features import CRDLoss
+from potstill.batches import ClassBatch
 from potstill.methods.base import weighted
 from potstill.methods.feature_base import FeatureConfig, FeatureMethod, flat
 
@@ -26,7 +27,7 @@ class CRD(FeatureMethod):
         num_negatives: int = Field(4096, gt=0, description="Negatives drawn from the bank per example.")
         crd_weight: float = Field(0.8, ge=0, description="Weight of the contrastive loss (paper: 0.8).")
 
-    def setup(self, sample_batch: dict[str, Tensor]) -> None:
+    def setup(self, sample_batch: ClassBatch) -> None:
         super().setup(sample_batch)
         cfg = self.config
         student_dim = int(Tensor(self.student_shape[1:]).prod().item()) if len(self.student_shape) > 2 else self.student_shape[1]
@@ -35,12 +36,12 @@ class CRD(FeatureMethod):
                            num_negatives=min(cfg.num_negatives, self.num_train - 1),
                            num_data=self.num_train if cfg.memory_bank else None)
 
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def forward(self, batch: ClassBatch) -> dict[str, Tensor]:
         cfg = self.config
         logits, feature, teacher_logits, teacher_feature = self.student_and_teacher(batch)
         losses = {
             **self.logit_terms(logits, teacher_logits, batch),
-            "crd": weighted(cfg.crd_weight, self.crd(flat(feature), flat(teacher_feature), index=batch["index"],
-                                             generator=batch.get("generator"))),
+            "crd": weighted(cfg.crd_weight, self.crd(flat(feature), flat(teacher_feature), index=batch.index,
+                                             generator=batch.generator())),
         }
         return losses

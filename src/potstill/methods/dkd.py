@@ -10,6 +10,7 @@ from __future__ import annotations
 from pydantic import Field
 from torch import Tensor
 
+from potstill.batches import ClassBatch
 from potstill.config import Strict
 from potstill.losses.classic import dkd_parts
 from potstill.methods.base import Method, labelled_cross_entropy, weighted
@@ -26,12 +27,12 @@ class DKD(Method):
         warmup: float = Field(0.1, ge=0, le=1, description="Fraction of training over which the KD terms ramp in.")
         standardize: bool = Field(False, description="Z-score logits before the temperature (logit standardization).")
 
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def forward(self, batch: ClassBatch) -> dict[str, Tensor]:
         cfg = self.config
-        logits = self.student(batch["x"])
+        logits = self.student(batch.x)
         teacher_logits = self.teacher.targets(batch).logits
         # DKD needs a target class for every example; unlabelled ones use the teacher's argmax.
-        target = batch["y"].where(batch["labelled"], teacher_logits.argmax(-1))
+        target = batch.y.where(batch.labelled, teacher_logits.argmax(-1))
         tckd, nckd = dkd_parts(logits, teacher_logits, target, temperature=cfg.temperature,
                                standardize=cfg.standardize)
         ramp = min(self.progress / cfg.warmup, 1.0) if cfg.warmup > 0 else 1.0

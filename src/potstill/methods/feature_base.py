@@ -10,10 +10,14 @@ from __future__ import annotations
 from pydantic import Field
 from torch import Tensor, nn
 
+from potstill.batches import ClassBatch
 from potstill.config import Strict
-from potstill.engine.taps import FeatureTaps, build_connector, probe_shapes, resolve_module
 from potstill.losses.classic import kd
-from potstill.methods.base import Method, labelled_cross_entropy, weighted
+from potstill.methods.base import LOGIT_NEED, Method, labelled_cross_entropy, weighted
+from potstill.models.taps import FeatureTaps, build_connector, probe_shapes, resolve_module
+from potstill.teachers.base import Capability, Need
+
+FEATURE_NEED = Need(frozenset({Capability.FEATURES}), "it taps a teacher module by path")
 
 
 class FeatureConfig(Strict):
@@ -29,26 +33,28 @@ class FeatureConfig(Strict):
 class FeatureMethod(Method):
     wants_connector = True
 
-    def setup(self, sample_batch: dict[str, Tensor]) -> None:
+    @classmethod
+    def needs(cls, config) -> list[Need]:
+        return [LOGIT_NEED, FEATURE_NEED]
+
+    def setup(self, sample_batch: ClassBatch) -> None:
         cfg = self.config
         resolve_module(self.student, cfg.student_layer, "student")
-        teacher_model = getattr(self.teacher, "model", None)
-        if teacher_model is None:
-            raise ValueError(f"{self.name} needs a teacher whose features can be tapped (a local model)")
-        x = sample_batch["x"][:2]
-        self.student_shape = probe_shapes(self.student, [cfg.student_layer], x, "student")[cfg.student_layer]
-        self.teacher_shape = probe_shapes(teacher_model, [cfg.teacher_layer], x, "teacher")[cfg.teacher_layer]
+        sample = ClassBatch(sample_batch.x[:2], sample_batch.y[:2], sample_batch.labelled[:2])
+        self.student_shape = probe_shapes(self.student, [cfg.student_layer], sample.x, "student")[cfg.student_layer]
+        # the teacher's dry run goes through the teacher interface: any teacher that taps features works
+        self.teacher_shape = tuple(self.teacher.targets(sample, features=[cfg.teacher_layer])
+                                   .features[cfg.teacher_layer].shape)
         where = f"student '{cfg.student_layer}' with teacher '{cfg.teacher_layer}'"
         self.check_shapes(self.student_shape, self.teacher_shape, where)
         if self.wants_connector:
             self.connector = build_connector(self.student_shape, self.teacher_shape, where)
         self.__dict__["student_taps"] = FeatureTaps(self.student, [cfg.student_layer], "student")
-        self.teacher.request_features([cfg.teacher_layer])
 
     def check_shapes(self, student_shape: tuple, teacher_shape: tuple, where: str) -> None:
         """Methods that cannot use a connector refuse impossible shapes here."""
 
-    def logit_terms(self, logits: Tensor, teacher_logits: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def logit_terms(self, logits: Tensor, teacher_logits: Tensor, batch: ClassBatch) -> dict[str, Tensor]:
         """Label CE, plus logit KD when kd_weight > 0."""
         cfg = self.config
         terms = {"ce": weighted(cfg.ce_weight, labelled_cross_entropy(logits, batch))}
@@ -56,11 +62,11 @@ class FeatureMethod(Method):
             terms["kd"] = weighted(cfg.kd_weight, kd(logits, teacher_logits, temperature=cfg.temperature))
         return terms
 
-    def student_and_teacher(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def student_and_teacher(self, batch: ClassBatch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(student logits, student feature, teacher logits, teacher feature) for the batch."""
-        logits = self.student(batch["x"])
+        logits = self.student(batch.x)
         student_feature = self.student_taps.pop()[self.config.student_layer]
-        target = self.teacher.targets(batch)
+        target = self.teacher.targets(batch, features=[self.config.teacher_layer])
         return logits, student_feature, target.logits, target.features[self.config.teacher_layer]
 
 

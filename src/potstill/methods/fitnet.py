@@ -11,6 +11,7 @@ from pydantic import Field
 from torch import Tensor
 
 from potstill.losses.features import hint_loss
+from potstill.batches import ClassBatch
 from potstill.methods.base import weighted
 from potstill.methods.feature_base import FeatureConfig, FeatureMethod
 
@@ -21,7 +22,7 @@ class FitNet(FeatureMethod):
     class Config(FeatureConfig):
         hint_weight: float = Field(1.0, ge=0, description="Weight of the hint MSE.")
 
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def forward(self, batch: ClassBatch) -> dict[str, Tensor]:
         cfg = self.config
         logits, feature, teacher_logits, teacher_feature = self.student_and_teacher(batch)
         losses = {

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pydantic import Field
 from torch import Tensor
 
+from potstill.batches import ClassBatch
 from potstill.config import Strict
 from potstill.losses.classic import kd
 from potstill.methods.base import Method, labelled_cross_entropy, weighted
@@ -23,8 +24,8 @@ class KD(Method):
         ce_weight: float = Field(1.0, ge=0, description="Weight of the label cross-entropy.")
         standardize: bool = Field(False, description="Z-score logits before the temperature (logit standardization).")
 
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        logits = self.student(batch["x"])
+    def forward(self, batch: ClassBatch) -> dict[str, Tensor]:
+        logits = self.student(batch.x)
         teacher_logits = self.teacher.targets(batch).logits
         cfg = self.config
         return {

@@ -10,6 +10,7 @@ from pydantic import Field
 from torch import Tensor
 
 from potstill.losses.features import rkd_angle, rkd_distance
+from potstill.batches import ClassBatch
 from potstill.methods.base import weighted
 from potstill.methods.feature_base import FeatureConfig, FeatureMethod, flat
 
@@ -22,7 +23,7 @@ class RKD(FeatureMethod):
         distance_weight: float = Field(25.0, ge=0, description="Weight of the distance potential (paper: 25).")
         angle_weight: float = Field(50.0, ge=0, description="Weight of the angle potential (paper: 50).")
 
-    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def forward(self, batch: ClassBatch) -> dict[str, Tensor]:
         cfg = self.config
         logits, feature, teacher_logits, teacher_feature = self.student_and_teacher(batch)
         student, teacher = flat(feature), flat(teacher_feature)

@@ -7,10 +7,20 @@ Both expose ``features`` (everything up to the penultimate representation) and `
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field
 from torch import nn
 
-from potstill.config import ClassifierModelConfig
+from potstill.config import Strict
+
+
+class ClassifierModelConfig(Strict):
+    kind: Literal["mlp", "cnn"] = Field("mlp", description="Architecture family: 'mlp' or 'cnn'.")
+    hidden: list[int] = Field([32], description="MLP hidden widths, or the CNN's fully connected widths.")
+    channels: list[int] = Field([], description="CNN convolution channels (3x3 convs, 2x2 max-pool after each pair).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout before the classifier head.")
 
 
 class MLP(nn.Module):

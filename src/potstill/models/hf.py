@@ -681,3 +681,14 @@ def generate_greedy(
         tokenizer.padding_side = old_side
         model.train(was_training)
     return results
+
+
+def load_tokenizer(name: str):
+    """The teacher's tokenizer without its weights when a converted copy or a local directory has one."""
+    path = builtin_dir(name) if name in BUILTIN_MODELS else Path(name).expanduser()
+    if (path / "config.json").exists():
+        from transformers import AutoTokenizer
+
+        return _prepare_tokenizer(AutoTokenizer.from_pretrained(str(path), local_files_only=True))
+    _, tokenizer = load_causal_lm(name)  # first use of a built-in: converts it once
+    return tokenizer

@@ -7,14 +7,14 @@ last shard, the held-out targets and the teacher's report entry are in place.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from potstill.engine.checkpoint import atomic_write_json
+from potstill.core.hashing import file_sha256
+from potstill.core.io import atomic_write_json
 from potstill.core.errors import UserError
 
 FORMAT_VERSION = 1
@@ -124,14 +124,6 @@ def bytes_per_token(task: str, fmt: str, k: int | None, vocab_size: int, exact: 
     return k * (id_bytes + 1) + 2  # ids + uint8 counts, fp16 entropy
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _get(manifest: Manifest, dotted: str) -> Any:
     value: Any = manifest
     for part in dotted.split("."):
@@ -181,7 +173,7 @@ def save_manifest(folder: Path, manifest: Manifest) -> None:
 
 def manifest_digest(folder: Path) -> str:
     """sha256 of the manifest file (it names every shard's sha256, so it identifies the store)."""
-    return sha256_file(Path(folder) / MANIFEST)
+    return file_sha256(Path(folder) / MANIFEST)
 
 
 def check_setup(manifest: Manifest, folder: Path, **run: Any) -> None:
@@ -191,7 +183,7 @@ def check_setup(manifest: Manifest, folder: Path, **run: Any) -> None:
     dataset_fingerprint (with num_examples for the message), heldout_fingerprint.
     """
     where = f"teacher store {folder}"
-    hint = "; rebuild it with `potstill cache` for this recipe"
+    hint = "; rebuild it with `potstill store` for this recipe"
     if "task" in run and run["task"] != manifest.task:
         raise UserError(f"{where} holds {manifest.task} targets; this recipe is a {run['task']} task")
     if "tokenizer_sha256" in run and run["tokenizer_sha256"] != manifest.tokenizer_sha256:

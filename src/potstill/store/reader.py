@@ -15,7 +15,8 @@ from safetensors import safe_open
 from torch import Tensor
 
 from potstill.core.errors import UserError
-from potstill.store.manifest import Manifest, ShardInfo, load_manifest, manifest_digest, sha256_file
+from potstill.core.hashing import file_sha256
+from potstill.store.manifest import Manifest, ShardInfo, load_manifest, manifest_digest
 
 
 def decode_ids(ids: Tensor) -> Tensor:
@@ -27,14 +28,14 @@ class StoreReader:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         if not self.folder.is_dir():
-            raise UserError(f"teacher store {self.folder} does not exist (build it with `potstill cache`)")
+            raise UserError(f"teacher store {self.folder} does not exist (build it with `potstill store`)")
         manifest = load_manifest(self.folder)
         if manifest is None:
-            raise UserError(f"{self.folder} is not a teacher store (no manifest.json); build one with `potstill cache`")
+            raise UserError(f"{self.folder} is not a teacher store (no manifest.json); build one with `potstill store`")
         if not manifest.complete:
             held = f", {len(manifest.held_out.shards)}/{manifest.num_heldout_shards()} held-out" if manifest.held_out else ""
             raise UserError(f"teacher store {self.folder} is incomplete ({len(manifest.shards)}/{manifest.num_shards()} "
-                            f"training shards{held}); finish it by rerunning `potstill cache` with the same --out")
+                            f"training shards{held}); finish it by rerunning `potstill store` with the same --out")
         self.manifest: Manifest = manifest
         self.digest = manifest_digest(self.folder)
         self._handles: dict[str, object] = {}
@@ -48,11 +49,11 @@ class StoreReader:
         for shard in shards:
             path = self.folder / shard.file
             if not path.exists():
-                raise UserError(f"teacher store {self.folder}: shard {shard.file} is missing; rerun `potstill cache` "
+                raise UserError(f"teacher store {self.folder}: shard {shard.file} is missing; rerun `potstill store` "
                                 "with the same --out to recompute it")
-            if path.stat().st_size != shard.bytes or sha256_file(path) != shard.sha256:
+            if path.stat().st_size != shard.bytes or file_sha256(path) != shard.sha256:
                 raise UserError(f"teacher store {self.folder}: shard {shard.file} is corrupt (sha256 mismatch); rerun "
-                                "`potstill cache` with the same --out to recompute it")
+                                "`potstill store` with the same --out to recompute it")
         self._verified = True
 
     def _open(self, shard: ShardInfo):

@@ -1,4 +1,4 @@
-"""``potstill cache``: run the teacher once over the training set and write its targets in shards.
+"""``potstill store``: run the teacher once over the training set and write its targets in shards.
 
 Shard ``i`` of the training split holds examples ``[i * shard_size, (i + 1) * shard_size)``, all
 positions of each sequence. Each shard is written to a temporary file, fsynced and renamed; then
@@ -10,21 +10,20 @@ named and recomputed) and computes only the missing ones. Sampling uses a genera
 
 from __future__ import annotations
 
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
 import potstill
+from potstill.core.hashing import file_sha256
+from potstill.core.io import save_tensors
 from potstill.data.order import keyed_generator
 from potstill.core.errors import UserError
 from potstill.store.manifest import (DEFAULT_EXACT, MANIFEST, HeldOut, Manifest, ShardInfo, bytes_per_token,
-                                     default_k, ids_dtype, load_manifest, save_manifest, settings_difference,
-                                     sha256_file)
+                                     default_k, ids_dtype, load_manifest, save_manifest, settings_difference)
 from potstill.store.source import StoreSource
 from potstill.targets import sample, stratified_draws, topk
 
@@ -59,17 +58,6 @@ def encode_targets(logits: Tensor, manifest: Manifest, generator: torch.Generato
     t = sample(logits, k, temperature=temperature, generator=generator)
     return {"ids": encode_ids(t.ids, manifest.ids_dtype), "counts": (t.weights * k).round().to(torch.uint8),
             "entropy": t.entropy.half()}
-
-
-def _write_shard(path: Path, tensors: dict[str, Tensor]) -> int:
-    """Atomic, fsynced; no safetensors metadata (its key order varies between writes: bytes would too)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.chmod(tmp, 0o644)  # safetensors creates 0600 files; a store is meant to be shared
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    return path.stat().st_size
 
 
 def check_settings(task: str, fmt: str, k: int | None, temperature: float, shard_size: int,
@@ -158,7 +146,7 @@ def _verified(folder: Path, shards: list[ShardInfo], warn: Callable[[str], None]
         path = folder / shard.file
         if not path.exists():
             warn(f"shard {shard.file} is missing; recomputing it")
-        elif path.stat().st_size != shard.bytes or sha256_file(path) != shard.sha256:
+        elif path.stat().st_size != shard.bytes or file_sha256(path) != shard.sha256:
             warn(f"shard {shard.file} is corrupt (sha256 mismatch); recomputing it")
         else:
             good.append(shard)
@@ -240,8 +228,8 @@ def build_store(source: StoreSource, folder: Path, *, fmt: str, k: int | None, t
 
 
 def _shard(folder: Path, name: str, first: int, stop: int, tensors: dict[str, Tensor], manifest: Manifest) -> ShardInfo:
-    size = _write_shard(folder / name, tensors)
-    return ShardInfo(file=name, first=first, count=stop - first, sha256=sha256_file(folder / name), bytes=size)
+    size = save_tensors(folder / name, tensors, fsync=True, untie=False)
+    return ShardInfo(file=name, first=first, count=stop - first, sha256=file_sha256(folder / name), bytes=size)
 
 
 def _heldout_tensors(source: StoreSource, first: int, stop: int) -> dict[str, Tensor]:

@@ -1,43 +1,87 @@
 """Classification: data, the (kept) teacher, one student per (method, seed), and its evaluation.
 
-With ``teacher.cache`` the teacher is an offline store of its raw logits (``potstill cache``): no
+With ``teacher.store`` the teacher is an offline store of its raw logits (``potstill store``): no
 teacher model is built or loaded; the test-split logits for the fidelity metrics and the teacher's
 report entry come from the store too.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
 from pathlib import Path
-from typing import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, field_validator
 from safetensors.torch import load_file
 
-from potstill.core.paths import cache_dir
-from potstill.config import ClassificationRecipe, StudentConfig
-from potstill.data.classification import BatchSource, load_classification
-from potstill.engine.checkpoint import atomic_write_json, save_tensors
-from potstill.engine.trainer import train
+from potstill.batches import ClassBatch
+from potstill.config import RecipeBase, Strict, StudentConfig, TrainConfig, absolute_path
+from potstill.core.device import resolve_runtime
 from potstill.core.errors import UserError
+from potstill.core.hashing import tensor_digest, weights_sha256
+from potstill.core.io import save_tensors
+from potstill.data.classification import BatchSource, DataConfig, load_classification
 from potstill.eval.metrics import classification_metrics, latency_ms, predict, reliability
 from potstill.methods import method_class, method_config
 from potstill.methods.ce import CrossEntropy
-from potstill.methods.feature_base import FeatureMethod
-from potstill.models.classifiers import build_classifier, count_parameters
-from potstill.store.manifest import check_setup
+from potstill.models.classifiers import ClassifierModelConfig, build_classifier
+from potstill.models.params import count_params
+from potstill.store.manifest import TeacherIdentity, check_setup
 from potstill.store.reader import StoreReader
-from potstill.store.source import tensor_digest
-from potstill.store.teacher import StoreTeacher
+from potstill.store.source import StoreSource
+from potstill.tasks.keep import freeze, keep_once
+from potstill.tasks.registry import OnStep, OnStepFactory, TaskBase, register_task
+from potstill.teachers.base import TeacherSpec
 from potstill.teachers.local import LocalTeacher
+from potstill.teachers.store import StoreTeacher
+from potstill.train.trainer import train
 
-OnStep = Callable[[int, dict[str, float]], None]
+
+class TeacherConfig(Strict):
+    renamed = {"cache": "store"}
+
+    model: ClassifierModelConfig = Field(
+        default_factory=lambda: ClassifierModelConfig(kind="cnn", channels=[32, 64], hidden=[128]),
+        description="Teacher architecture (when the recipe trains its teacher).",
+    )
+    train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(steps=2000, lr=2e-3, eval_every=200, checkpoint_every=1000),
+        description="Teacher training schedule.",
+    )
+    seed: int = Field(0, description="Seed of the teacher's training.")
+    path: str | None = Field(None, description="Load teacher weights from this safetensors file instead of training one.")
+    reuse: bool = Field(True, description="Reuse a kept teacher trained with the same config and data.")
+    store: str | None = Field(None, description="Train from an offline teacher store written by `potstill store` "
+                              "(a directory of the teacher's stored logits): no teacher model is loaded; the store "
+                              "must match this recipe's data (checked before training; see docs/store.md).")
+
+    _absolute_store = field_validator("store")(absolute_path)
 
 
-class ClassificationTask:
+class EvalConfig(Strict):
+    ece_bins: int = Field(15, gt=1, description="Bins of the expected calibration error.")
+    latency_batches: list[int] = Field([1, 256], description="Batch sizes at which inference latency is timed.")
+    latency_repeats: int = Field(20, gt=0, description="Timed repeats per latency measurement (median reported).")
+
+
+class ClassificationRecipe(RecipeBase):
+    task: Literal["classification"] = Field("classification", description="Task family.")
+    threads: int | None = Field(1, description="torch intra-op threads (1 is fastest for these small models; null: torch's default).")
+    data: DataConfig = Field(default_factory=DataConfig, description="Dataset and splits.")
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="Teacher.")
+    student: ClassifierModelConfig = Field(default_factory=ClassifierModelConfig, description="Student architecture (shared by all students).")
+    students: dict[str, StudentConfig] = Field(
+        default_factory=lambda: {"baseline": StudentConfig(method="ce"), "kd": StudentConfig(method="kd")},
+        description="Students by name; 'baseline' should be the CE-only student.",
+    )
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation settings.")
+
+
+@register_task
+class ClassificationTask(TaskBase):
+    name = "classification"
+    Recipe = ClassificationRecipe
     primary_metric = "accuracy"
     curve_metric = "val/accuracy"
     higher_is_better = {"accuracy": True, "agreement": True, "kl_to_teacher": False, "ece": False,
@@ -45,25 +89,30 @@ class ClassificationTask:
 
     def __init__(self, recipe: ClassificationRecipe):
         self.recipe = recipe
+        self.runtime = resolve_runtime(recipe.device, recipe.precision)
         self.data = load_classification(recipe.data)
         self.teacher_info: dict = {}
-        self.store = StoreReader(recipe.teacher.cache) if recipe.teacher.cache else None
+        self.store = StoreReader(recipe.teacher.store) if recipe.teacher.store else None
         if self.store is not None:
             check_setup(self.store.manifest, self.store.folder, task="classification")
             if recipe.data.augment != "none":
                 raise UserError(f"data.augment='{recipe.data.augment}' shows the teacher a new view every step, which a "
-                                "teacher store cannot follow; set data.augment=none or drop teacher.cache")
+                                "teacher store cannot follow; set data.augment=none or drop teacher.store")
 
     # ---------------------------------------------------------------- teacher
 
-    def teacher_key(self) -> str:
-        spec = {"model": self.recipe.teacher.model.model_dump(), "train": self.recipe.teacher.train.model_dump(),
-                "seed": self.recipe.teacher.seed, "data": self.data.fingerprint,
-                "augment": [self.recipe.data.augment, self.recipe.data.max_shift], "format": 1}
-        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
-
     def _new_teacher_model(self) -> torch.nn.Module:
         return build_classifier(self.recipe.teacher.model, self.data.input_shape, self.data.num_classes)
+
+    def teacher_spec(self) -> TeacherSpec:
+        if self.store is not None:
+            return TeacherSpec(f"store {self.store.folder}", StoreTeacher(self.store).capabilities)
+        return TeacherSpec(f"{self.recipe.teacher.model.kind} model", LocalTeacher.capabilities)
+
+    def _keep_spec(self) -> dict:
+        cfg = self.recipe.teacher
+        return {"model": cfg.model.model_dump(), "train": cfg.train.model_dump(), "seed": cfg.seed,
+                "data": self.data.fingerprint, "augment": [self.recipe.data.augment, self.recipe.data.max_shift]}
 
     def _prepare_from_store(self) -> None:
         store, data = self.store, self.data
@@ -76,12 +125,23 @@ class ClassificationTask:
         held = store.manifest.held_out
         self.teacher_test_logits = store.heldout(0, held.num_examples).float() if held is not None else None
 
-    def prepare_teacher(self, on_step_factory: Callable[[str, int], OnStep]) -> None:
+    def _train_teacher(self, model: torch.nn.Module, work_dir: Path, on_step: OnStep) -> dict:
+        cfg = self.recipe.teacher
+        method = CrossEntropy(model, None, CrossEntropy.Config(), num_classes=self.data.num_classes,
+                              num_train=len(self.data.train))
+        batches = BatchSource(self.data, self.recipe.data, cfg.train.batch_size, cfg.train.grad_accum,
+                              seed=cfg.seed, all_labelled=True)
+        result = train(method, batches=batches, evaluate=lambda: self._val_metrics(model), cfg=cfg.train,
+                       out_dir=work_dir, selection="val/accuracy", on_step=on_step, runtime=self.runtime)
+        method.load_state_dict(result.best_state)
+        return {"best_step": result.best_step, "val_accuracy": result.best_value}
+
+    def prepare_teacher(self, on_step_factory: OnStepFactory) -> None:
         cfg = self.recipe.teacher
         if self.store is not None:
             return self._prepare_from_store()
-        model = self._new_teacher_model()
         if cfg.path:
+            model = self._new_teacher_model()
             path = Path(cfg.path)
             if not path.exists():
                 raise UserError(f"teacher.path not found: {path}")
@@ -91,36 +151,14 @@ class ClassificationTask:
                 raise UserError(f"teacher.path {path} does not fit teacher.model: {str(error).splitlines()[0]}") from None
             self.teacher_info = {"description": f"{cfg.model.kind} loaded from {path}", "reused": True}
         else:
-            kept = cache_dir() / "teachers" / self.teacher_key()
-            if cfg.reuse and (kept / "teacher.safetensors").exists():
-                model.load_state_dict(load_file(str(kept / "teacher.safetensors")))
-                reused = True
-            else:
-                reused = False
-                partial = kept.with_name(kept.name + ".partial")  # resumable: checkpoints live here
-                torch.manual_seed(cfg.seed)
-                model = self._new_teacher_model()
-                method = CrossEntropy(model, None, CrossEntropy.Config(), num_classes=self.data.num_classes,
-                                      num_train=len(self.data.train))
-                batches = BatchSource(self.data, self.recipe.data, cfg.train.batch_size, cfg.train.grad_accum,
-                                      seed=cfg.seed, all_labelled=True)
-                result = train(method, batches=batches, evaluate=lambda: self._val_metrics(model), cfg=cfg.train,
-                               out_dir=partial, selection="val/accuracy",
-                               on_step=on_step_factory("teacher", cfg.train.steps))
-                method.load_state_dict(result.best_state)
-                partial.mkdir(parents=True, exist_ok=True)
-                save_tensors(partial / "teacher.safetensors", model.state_dict())
-                atomic_write_json(partial / "info.json", {"key": self.teacher_key(), "best_step": result.best_step,
-                                                          "val_accuracy": result.best_value})
-                shutil.rmtree(partial / "checkpoint", ignore_errors=True)
-                shutil.rmtree(kept, ignore_errors=True)
-                partial.rename(kept)
+            torch.manual_seed(cfg.seed)
+            model = self._new_teacher_model().to(self.runtime.device)
+            reused, key = keep_once("classification", self._keep_spec(), model, reuse=cfg.reuse, train=lambda work: (
+                self._train_teacher(model, work, on_step_factory("teacher", cfg.train.steps))))
             self.teacher_info = {"description": f"{cfg.model.kind} {cfg.model.channels or ''}{cfg.model.hidden} "
-                                                f"trained by potstill (kept as {self.teacher_key()})",
-                                 "reused": reused}
-        self.teacher = LocalTeacher(model, self.teacher_info["description"])
+                                                f"trained by potstill (kept as {key})", "reused": reused}
+        self.teacher = LocalTeacher(freeze(model.to(self.runtime.device)), self.teacher_info["description"])
         self.teacher_test_logits = predict(model, self.data.test.x)
-        self.teacher_val_logits = predict(model, self.data.val.x)
 
     def teacher_report(self) -> dict:
         if self.store is not None:
@@ -128,12 +166,31 @@ class ClassificationTask:
             return {**entry, **self.teacher_info, "store": self.store.report_entry()}
         model, ev = self.teacher.model, self.recipe.eval
         metrics = classification_metrics(self.teacher_test_logits, self.data.test.y, None, ev.ece_bins)
-        metrics["params"] = count_parameters(model)
+        metrics["params"] = count_params(model)
         for b in ev.latency_batches:
             metrics[f"latency_b{b}_ms"] = latency_ms(model, self.data.test.x, b, ev.latency_repeats)
         return {**self.teacher_info, "params": metrics["params"],
                 "metrics": {k: {"mean": v, "std": 0.0, "values": [v]} for k, v in metrics.items()},
                 "reliability": reliability(self.teacher_test_logits, self.data.test.y, ev.ece_bins)}
+
+    def store_source(self) -> StoreSource:
+        if self.recipe.data.augment != "none":
+            raise UserError(f"data.augment='{self.recipe.data.augment}' gives the teacher a different view every step, "
+                            "so stored targets would not match training; set data.augment=none")
+        model, data = self.teacher.model, self.data
+        splits = {"train": data.train, "test": data.test}
+
+        def logits(split: str, start: int, stop: int) -> torch.Tensor:
+            return predict(model, splits[split].x[start:stop]).float()
+
+        return StoreSource(
+            task="classification", recipe=self.recipe.name, vocab_size=data.num_classes, seq_len=None,
+            num_examples=len(data.train), heldout_examples=len(data.test), batch_size=1024, logits=logits,
+            heldout_mask=None, dataset_fingerprint=tensor_digest(data.train.x, data.train.y),
+            heldout_fingerprint=tensor_digest(data.test.x, data.test.y), tokenizer_sha256=None,
+            teacher=TeacherIdentity(description=self.teacher_info["description"], weights_sha256=weights_sha256(model),
+                                    params=count_params(model)),
+            teacher_report=self.teacher_report)
 
     # ---------------------------------------------------------------- students
 
@@ -142,20 +199,17 @@ class ClassificationTask:
         return {"val/accuracy": float((logits.argmax(-1) == self.data.val.y).float().mean()),
                 "val/loss": float(F.cross_entropy(logits, self.data.val.y))}
 
-    def check_student(self, name: str, cfg: StudentConfig) -> None:
-        """Validate a student's method, params and feature taps (dry run on fresh models) before anything trains."""
+    def check_student(self, name: str, cfg: StudentConfig) -> str | None:
+        """Dry run on fresh models: the method's taps and connectors are built before anything trains."""
         method_cls = method_class(cfg.method, where=f"students.{name}.method")
         method_cfg = method_config(cfg.method, cfg.params, where=f"students.{name}")
-        if self.store is not None and issubclass(method_cls, FeatureMethod):
-            raise UserError(f"students.{name}: method '{cfg.method}' taps teacher features "
-                            f"('{method_cfg.teacher_layer}'), but teacher.cache holds only the teacher's logits; "
-                            "drop this student or train with the teacher model")
         student = build_classifier(self.recipe.student, self.data.input_shape, self.data.num_classes)
-        teacher = LocalTeacher(self._new_teacher_model(), "dry run") if method_cls.uses_teacher else None
+        teacher = LocalTeacher(self._new_teacher_model(), "dry run") if method_cls.uses_teacher(method_cfg) else None
         method = method_cls(student, teacher, method_cfg, num_classes=self.data.num_classes,
                             num_train=len(self.data.train))
-        method.setup({"x": self.data.train.x[:2], "y": self.data.train.y[:2],
-                      "labelled": self.data.labelled[:2], "index": torch.arange(2)})
+        train = self.data.train
+        method.setup(ClassBatch(train.x[:2], train.y[:2], self.data.labelled[:2], index=torch.arange(2)))
+        return None
 
     def run_student(self, name: str, cfg: StudentConfig, seed: int, out_dir: Path, on_step: OnStep) -> dict:
         recipe = self.recipe
@@ -163,20 +217,20 @@ class ClassificationTask:
         method_cfg = method_config(cfg.method, cfg.params, where=f"students.{name}")
         torch.manual_seed(seed)
         student = build_classifier(recipe.student, self.data.input_shape, self.data.num_classes)
-        teacher = self.teacher if method_cls.uses_teacher else None
+        teacher = self.teacher if method_cls.uses_teacher(method_cfg) else None
         method = method_cls(student, teacher, method_cfg, num_classes=self.data.num_classes,
                             num_train=len(self.data.train))
         batches = BatchSource(self.data, recipe.data, recipe.train.batch_size, recipe.train.grad_accum, seed)
         method.setup(batches.batch(0))
         result = train(method, batches=batches, evaluate=lambda: self._val_metrics(student), cfg=recipe.train,
-                       out_dir=out_dir, selection="val/accuracy", on_step=on_step)
+                       out_dir=out_dir, selection="val/accuracy", on_step=on_step, runtime=self.runtime)
         method.load_state_dict(result.best_state)
         save_tensors(out_dir / "student.safetensors", student.state_dict())
 
         ev = recipe.eval
         logits = predict(student, self.data.test.x)
         metrics = classification_metrics(logits, self.data.test.y, self.teacher_test_logits, ev.ece_bins)
-        metrics["params"] = count_parameters(student)
+        metrics["params"] = count_params(student)
         for b in ev.latency_batches:
             metrics[f"latency_b{b}_ms"] = latency_ms(student, self.data.test.x, b, ev.latency_repeats)
         return {"metrics": metrics, "best_step": result.best_step, "best_val": result.best_value,

@@ -1,4 +1,1 @@
-from potstill.teachers.base import Teacher, TeacherOutput
-from potstill.teachers.local import LocalTeacher
-
-__all__ = ["Teacher", "TeacherOutput", "LocalTeacher"]
+"""Teachers behind one interface (:mod:`potstill.teachers.base`): local models, LM models, offline stores."""

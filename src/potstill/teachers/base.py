@@ -1,8 +1,23 @@
-"""The teacher interface: procedures ask a teacher for targets and never care where they come from."""
+"""The teacher interface: a teacher declares what it can give, a method declares what it needs.
+
+A teacher is anything that turns a batch into targets: a local model, an offline store, a server.
+Each one lists its :class:`Capability` set; each method lists its :class:`Need` s (each satisfied by
+any one of several capabilities). :func:`unmet_needs` compares the two before step one, so a
+mismatch is one line naming both, never a failure halfway through training.
+
+Rules every teacher keeps:
+
+* It never mutates a model it does not own: no ``requires_grad_`` or lasting ``.train()/.eval()``
+  on a model it was handed (so a model can be its own teacher). Whoever built the model freezes it.
+* Its targets depend on the batch's content, never on a split name. Rows may be looked up by
+  ``batch.index`` only for dataset batches (:class:`potstill.batches.Origin`).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Protocol, runtime_checkable
 
 from torch import Tensor
@@ -10,13 +25,30 @@ from torch import Tensor
 from potstill.targets import SparseTargets
 
 
+class Capability(str, Enum):
+    LOGITS = "logits"  # dense logits [B, C] or [B, T, V]
+    HIDDEN_HEAD = "hidden+head"  # LM: final hidden states and the LM head (chunked losses project them)
+    SPARSE_TOPK = "sparse top-k targets"
+    SPARSE_SAMPLED = "sparse sampled targets"
+    FEATURES = "features at module paths"
+    SCORE_NEW = "scores for new sequences"  # targets for inputs outside the training set (rollouts)
+    GENERATE = "generated text"
+
+
+@dataclass(frozen=True)
+class Need:
+    """One thing a method needs from its teacher: any capability of ``any_of`` serves it."""
+
+    any_of: frozenset[Capability]
+    why: str
+    #: True where a teacher without it can still serve the recipe's other students: the student is
+    #: reported as skipped instead of failing the run (e.g. a sampled store and a non-linear divergence)
+    skippable: bool = False
+
+
 @dataclass
 class TeacherOutput:
-    """Targets for one batch. Classifier teachers fill ``logits`` (and tapped ``features``);
-    LM teachers with a model fill ``hidden`` (input of the LM head) and ``head``/``head_bias``, so
-    losses can project to the vocabulary chunk by chunk. Cache/store teachers, which keep no
-    model, fill ``sparse`` (``[B, T, k]`` ids and weights, see :mod:`potstill.targets`) or
-    ``logits`` (``[B, T, V]``)."""
+    """Targets for one batch; which fields are set is what the teacher's capabilities promise."""
 
     logits: Tensor | None = None
     features: dict[str, Tensor] = field(default_factory=dict)
@@ -28,13 +60,35 @@ class TeacherOutput:
 
 @runtime_checkable
 class Teacher(Protocol):
-    """Anything that turns a batch into targets (a local model, a cache, a server...)."""
+    description: str
+    capabilities: frozenset[Capability]
+
+    def targets(self, batch, features: Sequence[str] = ()) -> TeacherOutput:
+        """Targets for ``batch``; ``features``: module paths whose outputs to return too."""
+        ...
+
+
+def describe(capabilities) -> str:
+    return ", ".join(sorted(c.value for c in capabilities)) or "nothing"
+
+
+def unmet_needs(needs: Sequence[Need], teacher: Teacher | None) -> list[Need]:
+    have = teacher.capabilities if teacher is not None else frozenset()
+    return [need for need in needs if not (need.any_of & have)]
+
+
+def mismatch_line(method: str, need: Need, teacher: Teacher | None) -> str:
+    """One line naming what the method needs and what the teacher gives."""
+    if teacher is None:
+        return f"method '{method}' needs {describe(need.any_of)} ({need.why}), but there is no teacher"
+    return (f"method '{method}' needs {' or '.join(sorted(c.value for c in need.any_of))} ({need.why}); "
+            f"teacher {teacher.description} gives {describe(teacher.capabilities)}")
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """What a teacher will be, known before it is built or trained: enough to check every student's
+    needs before anything runs."""
 
     description: str
-
-    def targets(self, batch: dict[str, Tensor]) -> TeacherOutput:
-        ...
-
-    def request_features(self, paths: list[str]) -> None:
-        """Ask for intermediate features by module path (raises if the source cannot provide them)."""
-        ...
+    capabilities: frozenset[Capability]

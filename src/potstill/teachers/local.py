@@ -1,41 +1,32 @@
-"""A teacher that is a local PyTorch model, frozen, run in eval mode under no_grad."""
+"""A teacher that is a local PyTorch model, run under no_grad in eval mode (its mode is restored after)."""
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor, nn
+from collections.abc import Sequence
 
-from potstill.engine.taps import FeatureTaps
-from potstill.teachers.base import TeacherOutput
+import torch
+from torch import nn
+
+from potstill.batches import ClassBatch
+from potstill.models.taps import tapped
+from potstill.teachers.base import Capability, TeacherOutput
 
 
 class LocalTeacher:
-    def __init__(self, model: nn.Module, description: str = "local model", input_key: str = "x"):
-        self.model = model.eval()
-        for parameter in self.model.parameters():
-            parameter.requires_grad_(False)
+    capabilities = frozenset({Capability.LOGITS, Capability.FEATURES, Capability.SCORE_NEW})
+
+    def __init__(self, model: nn.Module, description: str = "local model"):
+        self.model = model
         self.description = description
-        self.input_key = input_key
-        self._taps: FeatureTaps | None = None
-
-    def request_features(self, paths: list[str]) -> None:
-        known = self._taps.paths if self._taps else []
-        if self._taps:
-            self._taps.remove()
-        self._taps = FeatureTaps(self.model, known + [p for p in paths if p not in known], role="teacher")
 
     @torch.no_grad()
-    def targets(self, batch: dict[str, Tensor]) -> TeacherOutput:
-        if self.model.training:
-            self.model.eval()
-        logits = self.model(batch[self.input_key])
-        features = self._taps.pop() if self._taps else {}
-        return TeacherOutput(logits=logits, features=features)
-
-    @torch.no_grad()
-    def predict(self, x: Tensor) -> Tensor:
+    def targets(self, batch: ClassBatch, features: Sequence[str] = ()) -> TeacherOutput:
+        was_training = self.model.training
         self.model.eval()
-        logits = self.model(x)
-        if self._taps:
-            self._taps.pop()
-        return logits
+        try:
+            with tapped(self.model, list(features), role="teacher") as taps:
+                logits = self.model(batch.x)
+                outputs = taps.pop()
+        finally:
+            self.model.train(was_training)
+        return TeacherOutput(logits=logits, features=outputs)

@@ -1,6 +1,6 @@
 """A teacher that is an offline store: targets are read by example index, no model in memory.
 
-Training batches carry ``index`` (rows of the training split, in the data order of the step);
+Dataset batches carry ``index`` (rows of the training split, in the data order of the step);
 the store holds exactly those rows. What comes back:
 
 * ``sampled`` / ``topk`` LM stores: ``TeacherOutput(sparse=SparseTargets [B, T, k])`` at the store's
@@ -15,13 +15,18 @@ the store holds exactly those rows. What comes back:
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from collections.abc import Sequence
 
+import torch
+
+from potstill.batches import Origin
 from potstill.core.errors import UserError
 from potstill.store.reader import StoreReader, decode_ids
 from potstill.targets import SparseTargets
-from potstill.teachers.base import TeacherOutput
+from potstill.teachers.base import Capability, TeacherOutput
+
+_FORMAT_CAPABILITY = {"dense": Capability.LOGITS, "topk": Capability.SPARSE_TOPK,
+                      "sampled": Capability.SPARSE_SAMPLED}
 
 
 class StoreTeacher:
@@ -29,17 +34,18 @@ class StoreTeacher:
         self.reader = reader
         self.manifest = reader.manifest
         self.description = description or f"teacher store {reader.folder} ({reader.describe()})"
-
-    def request_features(self, paths: list[str]) -> None:
-        raise UserError(f"teacher features ({', '.join(paths)}) were requested, but a teacher store "
-                        f"({self.reader.folder}) keeps only the teacher's outputs; use a logit-based method")
+        kind = Capability.LOGITS if self.manifest.task == "classification" else _FORMAT_CAPABILITY[self.manifest.format]
+        self.capabilities = frozenset({kind})
 
     @torch.no_grad()
-    def targets(self, batch: dict[str, Tensor]) -> TeacherOutput:
-        split = batch.get("split", "train")
-        if split != "train" or "index" not in batch:
-            raise ValueError(f"a teacher store holds training-split targets by example index; got split={split!r}")
-        rows = self.reader.rows(batch["index"])
+    def targets(self, batch, features: Sequence[str] = ()) -> TeacherOutput:
+        if features:
+            raise UserError(f"teacher features ({', '.join(features)}) were requested, but a teacher store "
+                            f"({self.reader.folder}) keeps only the teacher's outputs; use a logit-based method")
+        if batch.origin is not Origin.DATASET or batch.index is None:
+            raise ValueError(f"a teacher store holds targets of training rows by index; a {batch.origin.value} "
+                             "batch has none")
+        rows = {k: v.to(batch.index.device) for k, v in self.reader.rows(batch.index).items()}
         m = self.manifest
         if m.task == "classification":
             return TeacherOutput(logits=rows["logits"].float())

@@ -1,0 +1,86 @@
+"""report.json: every student's test metrics over seeds, next to the teacher and the protocol."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+from rich.table import Table
+
+import potstill
+from potstill.config import RecipeBase
+from potstill.core.io import atomic_write_json
+from potstill.eval.html import render_html
+from potstill.eval.metrics import summarize
+
+
+def pooled_reliability(tables: list[dict]) -> dict:
+    """Bin-wise merge of per-seed reliability tables (count-weighted means)."""
+    merged = {"confidence": [], "accuracy": [], "count": []}
+    for b in range(len(tables[0]["count"])):
+        counts = [t["count"][b] for t in tables]
+        total = sum(counts)
+        merged["count"].append(total)
+        for key in ("confidence", "accuracy"):
+            merged[key].append(sum(t[key][b] * c for t, c in zip(tables, counts) if c) / total if total else None)
+    return merged
+
+
+def build_report(recipe: RecipeBase, task, results: dict[str, list[dict]], seeds: list[int]) -> dict:
+    students = {}
+    for name, per_seed in results.items():
+        per_seed = sorted(per_seed, key=lambda r: r["seed"])
+        metric_names = list(per_seed[0]["metrics"])
+        entry = {
+            "method": recipe.students[name].method,
+            "params": recipe.students[name].params,
+            "metrics": {m: summarize([r["metrics"][m] for r in per_seed]) for m in metric_names},
+            "selected_steps": [r["best_step"] for r in per_seed],
+        }
+        if "reliability" in per_seed[0]:
+            entry["reliability"] = pooled_reliability([r["reliability"] for r in per_seed])
+        students[name] = entry
+    report = {
+        "potstill_version": potstill.__version__,
+        "recipe": recipe.name,
+        "task": recipe.task,
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "primary_metric": task.primary_metric,
+        "higher_is_better": task.higher_is_better,
+        "curve_metric": task.curve_metric,
+        "protocol": {**task.protocol(), "seeds": seeds},
+        "teacher": task.teacher_report(),
+        "students": students,
+    }
+    report.update(task.report_extras(results))
+    return report
+
+
+def write_report(run_dir: Path, report: dict) -> None:
+    atomic_write_json(run_dir / "report.json", report)
+    render_html(run_dir)
+
+
+def summary_table(report: dict) -> Table:
+    primary = report["primary_metric"]
+    present = {m for entry in report["students"].values() for m in entry["metrics"]}
+    names = [primary] + [m for m in ("agreement", "kl_to_teacher", "ece", "params", "tokens_per_s")
+                         if m != primary and m in present]
+    table = Table(title=f"{report['recipe']}: test metrics, mean ± std over seeds {report['protocol']['seeds']}")
+    table.add_column("model")
+    for name in names:
+        table.add_column(name, justify="right")
+
+    def cell(metrics: dict, name: str) -> str:
+        if name not in metrics:
+            return "-"
+        m = metrics[name]
+        if name == "params":
+            return f"{int(m['mean']):,}"
+        return f"{m['mean']:.4f} ± {m['std']:.4f}"
+
+    table.add_row("teacher" + (" (kept)" if report["teacher"].get("reused") else ""),
+                  *[cell(report["teacher"]["metrics"], n) for n in names])
+    for student, entry in report["students"].items():
+        table.add_row(student, *[cell(entry["metrics"], n) for n in names])
+    return table

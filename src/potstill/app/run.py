@@ -1,0 +1,132 @@
+"""A run: one recipe, its teacher, every student over every seed, and the report.
+
+Stages, in order: the run directory (fresh, or read back to resume); the task; every student
+checked before anything trains (its method and params, what it needs against what the teacher
+will give, the task's own dry run); the teacher; each (student, seed); the report.
+
+Layout of a run directory::
+
+    config.yaml                          the resolved recipe (a resumed run reads it back)
+    students/<name>/seed_<k>/            checkpoint/, metrics.jsonl, student.safetensors, result.json
+    report.json, report.html
+
+``result.json`` is written last (atomically) for a student and seed, so a resumed run skips
+exactly the finished ones and continues the others from their latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from potstill.app.report import build_report, summary_table, write_report
+from potstill.config import RecipeBase, dump_recipe
+from potstill.core.errors import UserError
+from potstill.core.io import atomic_write_json, atomic_write_text
+from potstill.methods import method_class, method_config
+from potstill.tasks import load_recipe, make_task
+from potstill.teachers.base import mismatch_line, unmet_needs
+
+
+def default_run_dir(recipe_name: str) -> Path:
+    return Path("runs") / f"{recipe_name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def prepare_run_dir(run_dir: Path, recipe: RecipeBase | None, resume: bool) -> RecipeBase:
+    """Create a fresh run dir (never overwriting one) or read back a resumable one's recipe."""
+    config_path = run_dir / "config.yaml"
+    if resume:
+        if not config_path.exists():
+            raise UserError(f"cannot resume {run_dir}: no config.yaml there (not a potstill run directory)")
+        return load_recipe(str(config_path))
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise UserError(f"{run_dir} already exists and is not empty; continue it with --resume {run_dir} "
+                        "or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(config_path, dump_recipe(recipe))
+    return recipe
+
+
+def check_students(recipe: RecipeBase, task) -> dict[str, str]:
+    """Refuse (UserError) a student that cannot work; return {name: reason} for those to skip."""
+    spec = task.teacher_spec()
+    skipped: dict[str, str] = {}
+    for name, student in recipe.students.items():
+        method_cls = method_class(student.method, where=f"students.{name}.method")
+        method_cfg = method_config(student.method, student.params, where=f"students.{name}")
+        unmet = unmet_needs(method_cls.needs(method_cfg), spec)
+        hard = [need for need in unmet if not need.skippable]
+        if hard:
+            raise UserError(f"students.{name}: {mismatch_line(student.method, hard[0], spec)}")
+        reason = mismatch_line(student.method, unmet[0], spec) if unmet else task.check_student(name, student)
+        if reason:
+            skipped[name] = reason
+    if skipped and len(skipped) == len(recipe.students):
+        raise UserError(f"no student of this recipe can be trained: {next(iter(skipped.values()))}")
+    return skipped
+
+
+def progress_bars(console: Console) -> Progress:
+    columns = [TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn()]
+    return Progress(*columns, console=console, transient=False, refresh_per_second=4)
+
+
+def bar_factory(progress: Progress):
+    def on_step_factory(label: str, total: int):
+        bar = progress.add_task(label, total=total, loss=float("nan"))
+
+        def on_step(step: int, losses: dict[str, float]) -> None:
+            progress.update(bar, completed=step, **({"loss": losses["loss"]} if "loss" in losses else {}))
+        return on_step
+    return on_step_factory
+
+
+def run_recipe(recipe: RecipeBase | None, run_dir: Path, *, resume: bool = False,
+               console: Console | None = None) -> dict:
+    console = console or Console(stderr=True)
+    recipe = prepare_run_dir(run_dir, recipe, resume)
+    if recipe.threads:
+        torch.set_num_threads(recipe.threads)
+    task = make_task(recipe)
+    seeds = [recipe.seed + i for i in range(recipe.seeds)]
+    skipped = check_students(recipe, task)
+    for name, reason in skipped.items():
+        console.print(f"[yellow]skipping student {name}:[/] {reason}", highlight=False, soft_wrap=True)
+    started = time.time()
+
+    with progress_bars(console) as progress:
+        on_step_factory = bar_factory(progress)
+        task.prepare_teacher(on_step_factory)
+        results: dict[str, list[dict]] = {}
+        for name, student in recipe.students.items():
+            if name in skipped:
+                continue
+            for seed in seeds:
+                seed_dir = run_dir / "students" / name / f"seed_{seed}"
+                done = seed_dir / "result.json"
+                if done.exists():
+                    results.setdefault(name, []).append(json.loads(done.read_text()))
+                    continue
+                seed_dir.mkdir(parents=True, exist_ok=True)
+                result = task.run_student(name, student, seed, seed_dir,
+                                          on_step_factory(f"{name} seed {seed}", recipe.train.steps))
+                result["seed"] = seed
+                atomic_write_json(done, result)
+                results.setdefault(name, []).append(result)
+
+    report = build_report(recipe, task, results, seeds)
+    if skipped:
+        report["skipped_students"] = skipped
+        report["protocol"].setdefault("notes", []).extend(f"student {n} not trained: {r}" for n, r in skipped.items())
+    report["wall_seconds"] = round(time.time() - started, 1)
+    write_report(run_dir, report)
+    console.print(summary_table(report))
+    console.print(f"report: {run_dir / 'report.html'}")
+    return report

@@ -1,0 +1,79 @@
+"""The language-model task's recipe sections: teacher, student architecture, text data, evaluation."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from potstill.config import RecipeBase, Strict, StudentConfig, TrainConfig, absolute_path
+
+
+class LMTeacherConfig(Strict):
+    renamed = {"cache": "store"}
+
+    model: str = Field("smollm2-135m-instruct", description="Built-in model name, a local Hugging Face causal-LM directory, or 'tiny' (a small Llama trained in the run).")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Teacher weights dtype.")
+    precompute: bool = Field(True, description="Run the teacher once over the training set and keep its final hidden states (exact: text has no augmentation).")
+    tiny_hidden: int = Field(64, gt=0, description="For model='tiny': hidden size.")
+    tiny_layers: int = Field(2, gt=0, description="For model='tiny': decoder layers.")
+    train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(steps=300, batch_size=16, lr=3e-3, eval_every=100, checkpoint_every=100),
+        description="For model='tiny': the teacher's training schedule.",
+    )
+    reuse: bool = Field(True, description="Reuse a kept tiny teacher trained with the same config and data.")
+    store: str | None = Field(None, description="Train from an offline teacher store written by `potstill store` "
+                              "(a directory): targets are read from it in step with the data order, no teacher model "
+                              "stays in memory (teacher weights are read once if student.init='teacher_layers'); "
+                              "tokenizer, vocab size, temperature and data must match (checked before training; "
+                              "see docs/store.md).")
+
+    _absolute_store = field_validator("store")(absolute_path)
+
+
+class LMStudentModelConfig(Strict):
+    num_layers: int = Field(1, gt=0, description="Decoder layers of the student.")
+    hidden_size: int | None = Field(None, description="Student width (null: the teacher's).")
+    intermediate_size: int | None = Field(None, description="Student MLP width (null: the teacher's).")
+    num_heads: int | None = Field(None, description="Attention heads (null: the teacher's).")
+    init: Literal["teacher_layers", "random"] = Field("teacher_layers", description="Copy evenly spaced teacher layers (same width only) or random init.")
+
+
+class LMDataConfig(Strict):
+    seq_len: int = Field(128, gt=8, description="Tokens per training sequence.")
+    max_documents: int | None = Field(None, description="Use at most this many pydoc_data topics (null: all).")
+    max_sequences: int | None = Field(None, description="Keep at most this many packed text sequences (null: all).")
+    chat_prompts: int = Field(120, ge=0, description="Prompts answered by the teacher (greedy) and added as prompt/response examples (prompt masked).")
+    response_tokens: int = Field(64, gt=0, description="Max new tokens of each teacher response.")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="Validation split (checkpoint selection).")
+    test_fraction: float = Field(0.1, gt=0, lt=1, description="Held-out test split (reported only).")
+    split_seed: int = Field(0, description="Seed of the split.")
+    tokenizer_vocab: int = Field(512, gt=16, description="For teacher.model='tiny': vocabulary of the in-run tokenizer.")
+
+
+class LMEvalConfig(Strict):
+    generations: int = Field(4, ge=0, description="Held-out prompts generated greedily by the teacher and each student for the report.")
+    generation_tokens: int = Field(40, gt=0, description="Max new tokens per generation.")
+    batch_size: int = Field(8, gt=0, description="Sequences per evaluation batch.")
+    max_val_sequences: int | None = Field(64, description="Validation sequences used for checkpoint selection (null: all).")
+
+
+
+class LMRecipe(RecipeBase):
+    name: str = Field("custom-lm", description="Recipe name (used in the default run directory).")
+    task: Literal["lm"] = Field("lm", description="Task family.")
+    seeds: int = Field(1, gt=0, description="Seeds per student.")
+    teacher: LMTeacherConfig = Field(default_factory=LMTeacherConfig, description="Teacher.")
+    student: LMStudentModelConfig = Field(default_factory=LMStudentModelConfig, description="Student architecture.")
+    data: LMDataConfig = Field(default_factory=LMDataConfig, description="Text data.")
+    train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(steps=200, batch_size=8, lr=5e-4, warmup_steps=20, eval_every=50,
+                                            checkpoint_every=50, log_every=10),
+        description="Student training schedule (same budget for every student).",
+    )
+    students: dict[str, StudentConfig] = Field(
+        default_factory=lambda: {"baseline": StudentConfig(method="lm_ce"),
+                                 "forward_kl": StudentConfig(method="lm_kd", params={"divergence": "forward_kl"})},
+        description="Students by name; 'baseline' should be the CE-only student.",
+    )
+    eval: LMEvalConfig = Field(default_factory=LMEvalConfig, description="Evaluation settings.")

@@ -1,0 +1,53 @@
+"""The language-model task's data: Python's own pydoc text packed into sequences, plus prompts the
+teacher answers (prompt tokens masked), each split train/val/test alike."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from potstill.core.errors import UserError
+from potstill.data.text import PROMPTS, encode_chat, pack_documents, pydoc_documents, split
+from potstill.data.tokens import TokenSplit
+from potstill.tasks.lm_config import LMDataConfig
+
+
+@dataclass
+class LMData:
+    train: TokenSplit
+    val: TokenSplit
+    test: TokenSplit
+    heldout_prompts: list[str]  # the test split's prompts (generations in the report)
+    teacher_responses: list[str]  # the teacher's answers to every prompt used
+
+
+def documents(cfg: LMDataConfig) -> list[str]:
+    docs = pydoc_documents()
+    return docs[:cfg.max_documents] if cfg.max_documents else docs
+
+
+def _split(cfg: LMDataConfig, examples: list) -> tuple[list, list, list]:
+    parts = split(list(range(len(examples))), cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
+    return tuple([examples[i] for i in part] for part in parts)
+
+
+def build_lm_data(cfg: LMDataConfig, tokenizer: Any,
+                  answer: Callable[[list[str]], list[str]] | None, where: str = "the teacher") -> LMData:
+    """Packed text, plus ``cfg.chat_prompts`` prompts answered by ``answer`` (None: no chat data)."""
+    packed = pack_documents(tokenizer, documents(cfg), cfg.seq_len)
+    if cfg.max_sequences:
+        packed = packed[:cfg.max_sequences]
+    text = [{"input_ids": s, "attention_mask": s.new_ones(s.shape), "labels": s.clone()} for s in packed]
+    text_train, text_val, text_test = _split(cfg, text)
+
+    prompts = PROMPTS[:cfg.chat_prompts] if answer is not None else []
+    responses = answer(prompts) if prompts else []
+    if len(responses) != len(prompts):
+        raise UserError(f"{where} holds {len(responses)} teacher responses; this recipe asks for "
+                        f"data.chat_prompts={len(prompts)}")
+    chat = [(p, encode_chat(tokenizer, p, r, cfg.seq_len)) for p, r in zip(prompts, responses)]
+    chat_train, chat_val, chat_test = _split(cfg, chat)
+    return LMData(TokenSplit.stack(text_train + [e for _, e in chat_train]),
+                  TokenSplit.stack(text_val + [e for _, e in chat_val]),
+                  TokenSplit.stack(text_test + [e for _, e in chat_test]),
+                  heldout_prompts=[p for p, _ in chat_test], teacher_responses=list(responses))
