@@ -18,8 +18,8 @@ from pydantic import Field
 from torch import Tensor
 
 from potstill.config import Strict
-from potstill.losses.linear import linear_divergence_parts
-from potstill.losses.linear_ce import linear_cross_entropy
+from potstill.losses.chunked import linear_divergence_parts
+from potstill.losses.chunked import linear_cross_entropy
 from potstill.methods.base import Method
 from potstill.models.hf import lm_hidden_and_head
 from potstill.targets import SparseTargets
