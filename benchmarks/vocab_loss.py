@@ -8,7 +8,7 @@ Compares, for N tokens, hidden size H and vocabulary V (float32):
 * ``trl_chunked`` - TRL's stable ``DistillationTrainer`` loss,
   ``trl.trainer.distillation_trainer._chunked_divergence_loss`` (hidden states + lm_head, tiles
   over tokens and vocabulary, recomputes the projections in backward) with ``beta=0``;
-* ``linear`` - ``potstill.losses.linear.linear_divergence`` (chunked, logits never materialised);
+* ``linear`` - ``potstill.losses.chunked.linear_divergence`` (chunked, logits never materialised);
 * ``linear_generic`` (opt-in via ``--methods``) - the same engine forced onto its generic
   local-autograd path instead of the closed-form forward-KL gradient.
 
@@ -111,13 +111,12 @@ def worker(method: str, n_tokens: int, hidden: int, vocab: int, repeats: int, ch
     sys.path.insert(0, str(ROOT / "src"))
     import torch
 
-    from potstill.losses import linear as linear_mod
+    from potstill.losses.chunked import default_chunk_size, engine, linear_divergence
     from potstill.losses.divergences import DIVERGENCES
-    from potstill.losses.linear import linear_divergence
 
     info = {"method": method, "tokens": n_tokens, "hidden": hidden, "vocab": vocab}
     if method.startswith("linear"):
-        info["chunk_size"] = chunk_size or linear_mod.default_chunk_size(vocab, n_tokens)
+        info["chunk_size"] = chunk_size or default_chunk_size(vocab, n_tokens)
     if method.startswith("trl"):
         import trl
 
@@ -127,7 +126,7 @@ def worker(method: str, n_tokens: int, hidden: int, vocab: int, repeats: int, ch
     if method == "trl_chunked":
         from trl.trainer.distillation_trainer import _chunked_divergence_loss
     if method == "linear_generic":
-        linear_mod._CLOSED_FORM = {}
+        engine._CLOSED_FORM = {}
 
     g = torch.Generator().manual_seed(0)
     h = torch.randn(n_tokens, hidden, generator=g).requires_grad_()
@@ -277,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="rounds; each runs every method once, in its own process, in turn")
     ap.add_argument("--repeats", type=int, default=1, help="timed runs per process (after one warm-up run)")
     ap.add_argument("--methods", nargs="+", choices=ALL_METHODS, default=list(METHODS))
-    ap.add_argument("--chunk-size", type=int, default=None, help="rows per chunk for linear (default: potstill.losses.linear.default_chunk_size)")
+    ap.add_argument("--chunk-size", type=int, default=None, help="rows per chunk for linear (default: potstill.losses.chunked.default_chunk_size)")
     ap.add_argument("--quick", action="store_true", help="N=512, V in {8192, 32768}; does not touch the docs")
     ap.add_argument("--no-docs", action="store_true")
     ap.add_argument("--worker", choices=ALL_METHODS, help=argparse.SUPPRESS)
@@ -321,7 +320,7 @@ tokens, H = {args.hidden} (student and teacher), T = 1, no mask.
 - `trl_chunked`: `trl.trainer.distillation_trainer._chunked_divergence_loss` (trl {trl_version}, the
   stable `DistillationTrainer` loss: hidden states + lm_head, [4096 x 32768] tiles, online
   logsumexp, projections recomputed in backward), `beta=0`. On CPU it projects every position.
-- `linear`: `potstill.losses.linear.linear_divergence(..., divergence="forward_kl")`, chunk rows as
+- `linear`: `potstill.losses.chunked.linear_divergence(..., divergence="forward_kl")`, chunk rows as
   shown (default: `default_chunk_size`, 168 rows at V = 49,152 and 128 at V = 262,144).
 {"- `linear_generic`: the same engine forced onto its generic local-autograd path." if "linear_generic" in args.methods else ""}
 

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from helpers import finite_difference_check
 
-from potstill.losses.linear_ce import linear_cross_entropy
+from potstill.losses.chunked import linear_cross_entropy
 
 
 @pytest.mark.parametrize("chunk", [1, 3, None])
@@ -58,3 +58,18 @@ def test_second_backward_through_one_call_raises():
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         torch.autograd.grad(out, [h, w])
+
+
+def test_enclosing_autocast_does_not_downcast():
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(10, 8, generator=g, requires_grad=True)
+    w = torch.randn(50, 8, generator=g, requires_grad=True)
+    y = torch.randint(0, 50, (10,), generator=g)
+    ref = linear_cross_entropy(h, w, y, chunk_size=4)
+    gref = torch.autograd.grad(ref, [h, w])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear_cross_entropy(h, w, y, chunk_size=4)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    for a, b in zip(gref, torch.autograd.grad(out, [h, w])):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)

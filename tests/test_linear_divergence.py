@@ -1,4 +1,4 @@
-"""Chunked vocabulary engine (potstill.losses.linear) against the dense reference."""
+"""Chunked vocabulary engine (potstill.losses.chunked) against the dense reference."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ import torch.nn.functional as F
 from helpers import assert_chunk_bounded, finite_difference_check
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from potstill.losses import linear as linear_mod
+from potstill.losses import chunked
+from potstill.losses.chunked import (default_chunk_size, engine, linear_cross_entropy, linear_divergence,
+                                     linear_divergence_parts)
 from potstill.losses.divergences import DIVERGENCES, PER_POSITION
-from potstill.losses.linear import default_chunk_size, linear_divergence, linear_divergence_parts
+from potstill.targets import topk
 
 @pytest.fixture(autouse=True, scope="module")
 def _single_thread():
@@ -133,10 +135,10 @@ def test_generic_path_matches_closed_form(name, kw, monkeypatch):
     c = make_case()
     args = dict(T=2.0, mask=c["mask"], bias=True, ce_weight=0.3, labels=c["labels"], chunk_size=6)
     with monkeypatch.context() as patch:  # the closed form must really be taken (no silent fallback)
-        patch.setattr(linear_mod, "_generic_chunk", lambda *a, **k: pytest.fail(f"{name}: generic path used"))
+        patch.setattr(engine, "_generic_chunk", lambda *a, **k: pytest.fail(f"{name}: generic path used"))
         closed = linear_loss(c, name, kw, **args)
     g_closed = grads_of(closed, c, True)
-    monkeypatch.setattr(linear_mod, "_CLOSED_FORM", {})
+    monkeypatch.setattr(engine, "_CLOSED_FORM", {})
     generic = linear_loss(c, name, kw, **args)
     assert_close_all(closed, generic, g_closed, grads_of(generic, c, True), 1e-10)
 
@@ -279,8 +281,8 @@ def test_default_chunk_size_budget():
     assert default_chunk_size(10**9) == 1
     for v in (1000, 32_000, 151_936, 262_144, 1_000_000):
         rows = default_chunk_size(v)
-        assert rows * v * 4 <= linear_mod.MAX_CHUNK_BYTES
-        assert rows * v * 4 <= linear_mod.CHUNK_BUDGET_BYTES or rows <= linear_mod.MIN_CHUNK_ROWS
+        assert rows * v * 4 <= chunked.MAX_CHUNK_BYTES
+        assert rows * v * 4 <= chunked.CHUNK_BUDGET_BYTES or rows <= chunked.MIN_CHUNK_ROWS
 
 
 # ---------------------------------------------------------------- memory property
@@ -512,15 +514,14 @@ def test_enclosing_autocast_does_not_downcast():
 
 
 @pytest.mark.parametrize("name,kw", [("forward_kl", {}), ("reverse_kl", {}), ("jsd", {"beta": 0.3}), ("tvd", {})])
-def test_row_major_layout_matches_too(name, kw, monkeypatch):
+def test_row_major_layout_matches_too(name, kw):
     """The chunk buffers are vocabulary-major by default; the row-major layout must agree."""
     c = make_case()
     args = dict(T=1.7, mask=c["mask"], bias=True, ce_weight=0.4, labels=c["labels"], chunk_size=5)
     ref = dense_loss(c, name, kw, **{k: v for k, v in args.items() if k != "chunk_size"})
     gref = grads_of(ref, c, True)
-    monkeypatch.setattr(linear_mod, "_VOCAB_MAJOR", False)
     for teacher_mode in ("hidden", "logits"):
-        out = linear_loss(c, name, kw, teacher_mode=teacher_mode, **args)
+        out = linear_loss(c, name, kw, teacher_mode=teacher_mode, layout="row_major", **args)
         assert_close_all(ref, out, gref, grads_of(out, c, True), 1e-10)
 
 
@@ -552,3 +553,33 @@ def test_gradients_are_handed_over_once_and_accumulate_into_a_tied_head():
     torch.autograd.grad(again, [ours], retain_graph=True)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         torch.autograd.grad(again, [ours])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("layout", ["vocab_major", "row_major"])
+def test_cuda_matches_cpu(layout):
+    """Every buffer, mask and accumulator lives on the inputs' device: the closed-form, generic and
+    sparse paths, and linear_cross_entropy, give the CPU values and gradients on CUDA."""
+    cpu = make_case()
+    gpu = {k: (v.detach().cuda().requires_grad_(v.requires_grad)) for k, v in cpu.items()}
+    tl = (cpu["th"] @ cpu["tw"].T).detach()
+    for c in (cpu, gpu):
+        c["tl"] = tl.to(c["h"].device)
+        c["topk"] = topk(c["tl"], 7, temperature=2.0)
+
+    def losses(c):
+        common = dict(mask=c["mask"], labels=c["labels"], ce_weight=0.4, chunk_size=5, student_bias=c["b"],
+                      layout=layout)
+        params = (c["h"], c["w"], c["b"])
+        out = []
+        for name, kw in (("forward_kl", {}), ("jsd", {"beta": 0.3}), ("tvd", {})):
+            for teacher in (dict(teacher_hidden=c["th"], teacher_head=c["tw"], teacher_bias=c["tb"]),
+                            dict(teacher_logits=c["tl"]), dict(teacher_targets=c["topk"])):
+                loss = linear_divergence(c["h"], c["w"], divergence=name, temperature=2.0, **teacher, **common, **kw)
+                out += [loss, *torch.autograd.grad(loss, params)]
+        loss = linear_cross_entropy(c["h"], c["w"], c["labels"], bias=c["b"], chunk_size=4)
+        return out + [loss, *torch.autograd.grad(loss, params)]
+
+    for a, b in zip(losses(cpu), losses(gpu)):
+        assert b.device.type == "cuda" and b.dtype == a.dtype
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-10, atol=1e-12)

@@ -15,10 +15,8 @@ import torch
 from helpers import assert_chunk_bounded, finite_difference_check
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from potstill.losses import linear as linear_mod
+from potstill.losses.chunked import engine, linear_cross_entropy, linear_divergence, linear_divergence_parts
 from potstill.losses.divergences import DIVERGENCES
-from potstill.losses.linear import linear_divergence, linear_divergence_parts
-from potstill.losses.linear_ce import linear_cross_entropy
 from potstill.methods.lm import LMDistill
 from potstill.models.hf import lm_hidden_and_head, tiny_llama
 from potstill.targets import SparseTargets, sample, stratified_draws, topk
@@ -506,7 +504,7 @@ def test_topk_forward_kl_closed_form_matches_generic_path(monkeypatch):
         closed = linear_divergence(c["h"], c["w"], teacher_targets=targets, **args)
         g_closed = grads(closed, c["h"], c["w"], c["b"])
         with monkeypatch.context() as patch:
-            patch.setattr(linear_mod, "_CLOSED_FORM", {})
+            patch.setattr(engine, "_CLOSED_FORM", {})
             generic = linear_divergence(c["h"], c["w"], teacher_targets=targets, **args)
         assert_matches(closed, generic, g_closed, grads(generic, c["h"], c["w"], c["b"]), 1e-12)
 

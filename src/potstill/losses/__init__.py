@@ -18,7 +18,7 @@ from potstill.losses.features import (
     rkd_angle,
     rkd_distance,
 )
-from potstill.losses.linear import linear_divergence, linear_divergence_parts
+from potstill.losses.chunked import linear_divergence, linear_divergence_parts
 
 __all__ = [
     "DIVERGENCES",

@@ -11,7 +11,7 @@ Conventions shared by every function here:
 
 Each divergence is also exposed as a *per-position* function of log-probabilities
 (``PER_POSITION[name](log_q, log_p, **kwargs) -> tensor[...]``); the chunked vocabulary engine
-(:mod:`potstill.losses.linear`) evaluates those chunk by chunk.
+(:mod:`potstill.losses.chunked`) evaluates those chunk by chunk.
 """
 
 from __future__ import annotations

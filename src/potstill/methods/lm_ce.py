@@ -11,7 +11,7 @@ from torch import Tensor
 
 from potstill.batches import TokenBatch
 from potstill.config import Strict
-from potstill.losses.linear_ce import linear_cross_entropy
+from potstill.losses.chunked import linear_cross_entropy
 from potstill.methods.base import Method
 from potstill.methods.lm_common import shifted
 from potstill.models.hf import lm_hidden_and_head

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from potstill.batches import TokenBatch
 from potstill.config import Strict
-from potstill.losses.linear import linear_divergence_parts
+from potstill.losses.chunked import linear_divergence_parts
 from potstill.methods.base import Method
 from potstill.methods.lm_common import shifted
 from potstill.models.hf import lm_hidden_and_head

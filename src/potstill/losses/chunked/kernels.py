@@ -1,4 +1,4 @@
-"""Per-chunk kernels of the chunked vocabulary engine (:mod:`potstill.losses.linear`).
+"""Per-chunk kernels of the chunked vocabulary engine (:mod:`potstill.losses.chunked.engine`).
 
 Each kernel turns one chunk of logits (already log-softmaxed, in buffers the engine owns and lets
 it overwrite) into per-row values and the gradient with respect to the temperature-scaled student
