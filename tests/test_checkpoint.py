@@ -1,6 +1,6 @@
 import torch
 
-from potstill.engine.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from potstill.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 
 
 def _setup():
@@ -14,12 +14,12 @@ def _setup():
 
 def test_round_trip_restores_model_optimizer_and_rng(tmp_path):
     model, optimizer = _setup()
-    save_checkpoint(tmp_path / "ckpt", model_state=model.state_dict(), best_state=None, optimizer=optimizer,
-                    extra={"step": 7})
+    save_checkpoint(tmp_path / "ckpt", model_state=model.state_dict(), best_state=None, optimizers=[optimizer],
+                    components={}, extra={"step": 7})
     expected_next = torch.rand(3)
     fresh_model, fresh_optimizer = torch.nn.Linear(4, 3), None
     fresh_optimizer = torch.optim.AdamW(fresh_model.parameters(), lr=0.1)
-    state, best, extra = load_checkpoint(tmp_path / "ckpt", fresh_optimizer)
+    state, best, extra = load_checkpoint(tmp_path / "ckpt", [fresh_optimizer], {})
     assert extra["step"] == 7 and best is None
     assert torch.equal(torch.rand(3), expected_next)  # RNG restored to the save point
     fresh_model.load_state_dict(state)
@@ -30,12 +30,13 @@ def test_round_trip_restores_model_optimizer_and_rng(tmp_path):
 def test_kill_between_renames_recovers_the_previous_checkpoint(tmp_path):
     model, optimizer = _setup()
     folder = tmp_path / "ckpt"
-    save_checkpoint(folder, model_state=model.state_dict(), best_state=None, optimizer=optimizer, extra={"step": 1})
+    save_checkpoint(folder, model_state=model.state_dict(), best_state=None, optimizers=[optimizer], components={},
+                    extra={"step": 1})
     # Simulate a SIGKILL after the old checkpoint was moved aside but before the new one was renamed in.
     folder.rename(tmp_path / ".ckpt.old-123")
     (tmp_path / ".ckpt.tmp-123").mkdir()
     assert find_checkpoint(folder) == folder
-    _, _, extra = load_checkpoint(folder, optimizer)
+    _, _, extra = load_checkpoint(folder, [optimizer], {})
     assert extra["step"] == 1
 
 

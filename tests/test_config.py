@@ -1,6 +1,7 @@
 import pytest
 
-from potstill.config import apply_overrides, load_recipe
+from potstill.config import apply_overrides
+from potstill.tasks import load_recipe
 from potstill.core.errors import UserError
 
 

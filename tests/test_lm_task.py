@@ -4,9 +4,11 @@ import json
 
 import torch
 
-from potstill.config import load_recipe
-from potstill.engine.run import run_recipe
-from potstill.methods.lm import LMCrossEntropy, LMDistill
+from potstill.app.run import run_recipe
+from potstill.batches import TokenBatch, TokenView
+from potstill.methods.lm_ce import LMCrossEntropy
+from potstill.methods.lm_kd import LMDistill
+from potstill.tasks import load_recipe
 from potstill.models.hf import tiny_llama
 from potstill.teachers.lm import LMTeacher
 
@@ -19,17 +21,18 @@ def _batch(seed=0, n=8, t=12, vocab=50):
     attention = (torch.arange(t)[None] < lengths[:, None]).long()
     labels[attention == 0] = -100
     labels[:, :2] = -100  # a masked "prompt"
-    return {"input_ids": ids, "attention_mask": attention, "labels": labels, "index": torch.arange(n)}
+    return TokenView(ids, attention, labels)
 
 
 def _grads(method, batch, micro_batches):
     method.zero_grad()
-    n = len(batch["input_ids"])
-    total_items = int((batch["labels"][:, 1:] != -100).sum())
+    n = len(batch.input_ids)
+    total_items = batch.count_targets()
     size = n // micro_batches
     for m in range(micro_batches):
-        part = {k: v[m * size:(m + 1) * size] for k, v in batch.items()}
-        part["num_items"] = total_items
+        rows = slice(m * size, (m + 1) * size)
+        part = TokenBatch(TokenView(batch.input_ids[rows], batch.attention_mask[rows], batch.labels[rows]),
+                          index=torch.arange(n)[rows], num_items=total_items)
         losses = method(part)
         sum(v for v in losses.values() if v.requires_grad).backward()
     return {k: p.grad.clone() for k, p in method.student.named_parameters() if p.grad is not None}

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from potstill.config import ClassifierModelConfig, DataConfig
+from potstill.data.classification import DataConfig
+from potstill.models.classifiers import ClassifierModelConfig
 from potstill.data.classification import BatchSource, load_classification
 from potstill.core.errors import UserError
 from potstill.methods import METHODS, method_config
@@ -25,8 +26,8 @@ def build(name, data, params=None, student_cfg=MLP):
     torch.manual_seed(0)
     teacher = LocalTeacher(build_classifier(CNN, data.input_shape, data.num_classes))
     student = build_classifier(student_cfg, data.input_shape, data.num_classes)
-    cls = METHODS[name]
-    method = cls(student, teacher if cls.uses_teacher else None, method_config(name, params or {}, "students.x"),
+    cls, config = METHODS[name], method_config(name, params or {}, "students.x")
+    method = cls(student, teacher if cls.uses_teacher(config) else None, config,
                  num_classes=data.num_classes, num_train=len(data.train))
     batches = BatchSource(data, DataConfig(), 32, 1, seed=0)
     method.setup(batches.batch(0))

@@ -17,7 +17,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from potstill.losses.chunked import engine, linear_cross_entropy, linear_divergence, linear_divergence_parts
 from potstill.losses.divergences import DIVERGENCES
-from potstill.methods.lm import LMDistill
+from potstill.batches import TokenBatch, TokenView
+from potstill.methods.lm_kd import LMDistill
 from potstill.models.hf import lm_hidden_and_head, tiny_llama
 from potstill.targets import SparseTargets, sample, stratified_draws, topk
 from potstill.teachers.base import TeacherOutput
@@ -654,11 +655,8 @@ class _FixedTeacher:
     def __init__(self, output: TeacherOutput):
         self.output = output
 
-    def targets(self, batch):
+    def targets(self, batch, features=()):
         return self.output
-
-    def request_features(self, paths):
-        raise NotImplementedError
 
 
 def _lm_batch(n=3, t=9, vocab=50):
@@ -669,8 +667,7 @@ def _lm_batch(n=3, t=9, vocab=50):
     labels = ids.clone()
     labels[attention == 0] = -100
     labels[:, :3] = -100
-    return {"input_ids": ids, "attention_mask": attention, "labels": labels,
-            "num_items": int((labels[:, 1:] != -100).sum()) + 2}
+    return TokenBatch(TokenView(ids, attention, labels), num_items=int((labels[:, 1:] != -100).sum()) + 2)
 
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
@@ -694,9 +691,10 @@ def test_lm_distill_takes_hidden_logits_or_sparse_teachers(divergence):
             torch.testing.assert_close(other[key], from_hidden[key], rtol=1e-10, atol=1e-12)
 
     # sparse targets with k < V: the same as a direct call on the rows that predict a target token
-    hidden, head, _ = lm_hidden_and_head(student, batch["input_ids"], batch["attention_mask"])
-    keep = batch["labels"][:, 1:] != -100
-    rows, labels = hidden[:, :-1][keep], batch["labels"][:, 1:][keep]
+    view = batch.student
+    hidden, head, _ = lm_hidden_and_head(student, view.input_ids, view.attention_mask)
+    keep = view.labels[:, 1:] != -100
+    rows, labels = hidden[:, :-1][keep], view.labels[:, 1:][keep]
     kinds = [topk(t_logits, 6, temperature=1.5)]
     if divergence == "forward_kl":
         kinds.append(sample(t_logits, 6, temperature=1.5, generator=g))
@@ -704,7 +702,7 @@ def test_lm_distill_takes_hidden_logits_or_sparse_teachers(divergence):
         got = losses(TeacherOutput(sparse=targets))
         direct = linear_divergence_parts(rows, head, teacher_targets=targets[:, :-1][keep], divergence=divergence,
                                          temperature=1.5, ce_weight=0.25, labels=labels,
-                                         num_items=batch["num_items"], **({"beta": 0.5} if divergence == "jsd" else {}))
+                                         num_items=batch.num_items, **({"beta": 0.5} if divergence == "jsd" else {}))
         torch.testing.assert_close(got["objective"], 2.0 * direct["loss"], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(got["kd"], 2.0 * direct["kd"], rtol=1e-10, atol=1e-12)
         assert not torch.allclose(got["kd"], from_hidden["kd"], rtol=1e-3)  # k < V is not the dense loss

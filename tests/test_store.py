@@ -12,9 +12,17 @@ from potstill.core.errors import UserError
 from potstill.store.manifest import TeacherIdentity, bytes_per_token, check_setup, load_manifest
 from potstill.store.reader import StoreReader
 from potstill.store.source import StoreSource
-from potstill.store.teacher import StoreTeacher
+from potstill.batches import ClassBatch, Origin, TokenBatch, TokenView
+from potstill.teachers.store import StoreTeacher
 from potstill.store.writer import build_store, check_existing, encode_targets
 from potstill.targets import sample, stratified_draws, topk
+
+
+def _rows(index):
+    """A dataset batch that asks a store for these rows (its tokens play no part)."""
+    index = torch.as_tensor(index)
+    tokens = torch.zeros(len(index), 2, dtype=torch.long)
+    return TokenBatch(TokenView(tokens, tokens, tokens), index=index)
 
 
 def fake_source(vocab=300, n=7, seq=5, held=5, task="lm", seed=0):
@@ -59,7 +67,7 @@ def test_sampled_round_trip_is_exact_and_fits_the_budget(tmp_path, vocab):
             expected_w.append(t.weights)
     teacher = StoreTeacher(StoreReader(tmp_path))
     index = torch.tensor([4, 0, 3])
-    out = teacher.targets({"index": index, "split": "train"}).sparse
+    out = teacher.targets(_rows(index)).sparse
     assert out.kind == "sampled" and out.temperature == 2.0 and out.ids.shape == (3, 4, 20)
     assert torch.equal(out.ids, torch.cat(expected_ids)[index])
     torch.testing.assert_close(out.weights, torch.cat(expected_w)[index].float(), rtol=0, atol=1e-6)  # count / k
@@ -77,7 +85,7 @@ def test_topk_round_trip(tmp_path):
     source, train, _, _ = fake_source(49152, n=4, seq=3)
     manifest, _ = build(tmp_path, source, "topk", shard_size=4)
     assert manifest.k == 15 and manifest.bytes_per_token == 64
-    out = StoreTeacher(StoreReader(tmp_path)).targets({"index": torch.arange(4), "split": "train"}).sparse
+    out = StoreTeacher(StoreReader(tmp_path)).targets(_rows(torch.arange(4))).sparse
     ref = topk(train, 15)
     assert out.kind == "topk" and torch.equal(out.ids, ref.ids)
     torch.testing.assert_close(out.weights, ref.weights, rtol=5e-3, atol=1e-6)  # fp16 log-probs
@@ -88,12 +96,12 @@ def test_dense_serves_any_temperature(tmp_path):
     source, train, _, _ = fake_source(300)
     manifest, _ = build(tmp_path, source, "dense", temperature=2.0)
     assert manifest.bytes_per_token == 600 and manifest.k is None
-    logits = StoreTeacher(StoreReader(tmp_path)).targets({"index": torch.tensor([6, 1]), "split": "train"}).logits
+    logits = StoreTeacher(StoreReader(tmp_path)).targets(_rows(torch.tensor([6, 1]))).logits
     for t in (0.5, 1.0, 2.0, 4.0):  # stored log_softmax(z / 2) * 2 = z - const: the same softmax(z / t)
         torch.testing.assert_close(torch.softmax(logits / t, -1), torch.softmax(train[[6, 1]] / t, -1),
                                    rtol=0, atol=3e-3)
     build(tmp_path / "t1", source, "dense", temperature=1.0)
-    logits = StoreTeacher(StoreReader(tmp_path / "t1")).targets({"index": torch.tensor([6, 1]), "split": "train"}).logits
+    logits = StoreTeacher(StoreReader(tmp_path / "t1")).targets(_rows(torch.tensor([6, 1]))).logits
     assert logits.dtype == torch.float16  # kept in fp16 at T_c = 1; the loss upcasts per chunk
     torch.testing.assert_close(torch.softmax(logits.float(), -1), torch.softmax(train[[6, 1]], -1), rtol=0, atol=3e-3)
 
@@ -114,10 +122,14 @@ def test_classification_store_keeps_raw_logits(tmp_path):
     manifest, _ = build(tmp_path, source, "dense", shard_size=4)
     assert manifest.bytes_per_token == 40 and manifest.dtype == "float32"
     teacher = StoreTeacher(StoreReader(tmp_path))
-    assert torch.equal(teacher.targets({"index": torch.tensor([8, 2, 5])}).logits, train[[8, 2, 5]])
+    index = torch.tensor([8, 2, 5])
+    batch = ClassBatch(torch.zeros(3, 1), torch.zeros(3, dtype=torch.long), torch.ones(3, dtype=torch.bool), index=index)
+    assert torch.equal(teacher.targets(batch).logits, train[[8, 2, 5]])
     assert torch.equal(StoreReader(tmp_path).heldout(0, 5), test)
     with pytest.raises(UserError, match="teacher features"):
-        teacher.request_features(["features"])
+        teacher.targets(batch, features=["features"])
+    with pytest.raises(ValueError, match="rollout batch has none"):  # rows only for dataset batches
+        teacher.targets(dataclasses.replace(batch, origin=Origin.ROLLOUT))
     with pytest.raises(UserError, match="raw logits"):
         build(tmp_path / "x", source, "sampled")
 
@@ -227,7 +239,7 @@ def test_stratified_round_trip_and_bytes(tmp_path, vocab):
     head_p = torch.cat([p.head_log_probs for p in parts]).exp().reshape(5, 4, m)
     tail_w = torch.cat([p.tail[:, None] * p.counts / k for p in parts]).reshape(5, 4, k)
     index = torch.tensor([4, 0, 3])
-    out = StoreTeacher(reader).targets({"index": index, "split": "train"}).sparse
+    out = StoreTeacher(reader).targets(_rows(index)).sparse
     assert out.kind == "sampled" and out.temperature == 2.0 and out.ids.shape == (3, 4, m + k)
     assert torch.equal(out.ids, torch.cat([head_ids, tail_ids], -1)[index])
     torch.testing.assert_close(out.weights[..., :m], head_p[index], rtol=5e-3, atol=1e-6)  # fp16 log-probs
@@ -287,7 +299,7 @@ def test_manifest_without_exact_is_a_plain_sampled_store(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(data))
     manifest = load_manifest(tmp_path)
     assert manifest.exact == 0 and manifest.bytes_per_token == 62
-    out = StoreTeacher(StoreReader(tmp_path)).targets({"index": torch.arange(4), "split": "train"}).sparse
+    out = StoreTeacher(StoreReader(tmp_path)).targets(_rows(torch.arange(4))).sparse
     ref = sample(train, 20, generator=keyed_generator(0, 0, 7))
     assert out.ids.shape == (4, 3, 20) and torch.equal(out.ids, ref.ids)
     torch.testing.assert_close(out.weights, ref.weights, rtol=0, atol=1e-6)

@@ -1,4 +1,4 @@
-"""Offline teacher store with real tasks: `potstill cache` killed and resumed, training from a store
+"""Offline teacher store with real tasks: `potstill store` killed and resumed, training from a store
 (LM sampled store, classification dense store), and every refusal of a store that does not fit."""
 
 import contextlib
@@ -17,18 +17,19 @@ import torch
 import yaml
 
 from helpers import TINY_RECIPE, potstill
-from potstill.config import load_recipe, load_recipe_data
+from potstill.app.run import check_students, run_recipe
+from potstill.app.store import store_source
+from potstill.config import load_recipe_data
 from potstill.data.classification import BatchSource
-from potstill.engine.run import run_recipe
 from potstill.core.errors import UserError
 from potstill.methods.kd import KD
 from potstill.models.classifiers import build_classifier
 from potstill.store.reader import StoreReader
-from potstill.store.source import source_for
-from potstill.store.teacher import StoreTeacher
+from potstill.tasks import load_recipe
 from potstill.store.writer import build_store
 from potstill.tasks.classification import ClassificationTask
 from potstill.tasks.lm import LMTask
+from potstill.teachers.store import StoreTeacher
 
 SHARD = 2  # sequences per shard: many shards, so a kill lands between two of them
 
@@ -73,7 +74,7 @@ def lm_store(lm_recipe, tmp_path_factory) -> Path:
     """A sampled store built in-process, uninterrupted (the reference of the crash test)."""
     folder = tmp_path_factory.mktemp("lm-store") / "store"
     with _session_cache(tmp_path_factory):
-        source = source_for(load_recipe(str(lm_recipe)))
+        source = store_source(load_recipe(str(lm_recipe)))
         build_store(source, folder, fmt="sampled", k=None, temperature=1.0, seed=0, shard_size=SHARD)
     return folder
 
@@ -94,7 +95,7 @@ def cls_recipe(tmp_path_factory) -> Path:
 def cls_store(cls_recipe, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("cls-store") / "store"
     with _session_cache(tmp_path_factory):
-        build_store(source_for(load_recipe(str(cls_recipe))), folder, fmt="dense", k=None, temperature=1.0,
+        build_store(store_source(load_recipe(str(cls_recipe))), folder, fmt="dense", k=None, temperature=1.0,
                     seed=0, shard_size=256)
     return folder
 
@@ -115,7 +116,7 @@ def _manifest(folder: Path) -> dict:
 
 def test_sigkill_then_rerun_computes_only_missing_shards_and_matches(lm_recipe, lm_store, tmp_path):
     out = tmp_path / "store"
-    args = [sys.executable, "-m", "potstill", "cache", str(lm_recipe), "--out", str(out), "--shard-size", str(SHARD)]
+    args = [sys.executable, "-m", "potstill", "store", str(lm_recipe), "--out", str(out), "--shard-size", str(SHARD)]
     process = subprocess.Popen(args, cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"},
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -140,7 +141,7 @@ def test_sigkill_then_rerun_computes_only_missing_shards_and_matches(lm_recipe, 
     corrupt.write_bytes(bytes(data))
     kept = {name: (out / name).stat().st_mtime_ns for name in listed if out / name != corrupt}
 
-    resumed = potstill("cache", str(lm_recipe), "--out", str(out), "--shard-size", str(SHARD), cwd=tmp_path)
+    resumed = potstill("store", str(lm_recipe), "--out", str(out), "--shard-size", str(SHARD), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert f"shard {listed[1]} is corrupt" in resumed.stderr
     total = len(_manifest(lm_store)["shards"]) + len(_manifest(lm_store)["held_out"]["shards"])
@@ -158,7 +159,7 @@ def test_sigkill_then_rerun_computes_only_missing_shards_and_matches(lm_recipe, 
 
 
 def test_cache_refuses_other_settings_in_an_existing_store(lm_recipe, lm_store, tmp_path):
-    line = one_error_line(potstill("cache", str(lm_recipe), "--out", str(lm_store), "--format", "topk", cwd=tmp_path))
+    line = one_error_line(potstill("store", str(lm_recipe), "--out", str(lm_store), "--format", "topk", cwd=tmp_path))
     assert "format is 'sampled' there, 'topk' here" in line and "never overwritten" in line
 
 
@@ -167,7 +168,7 @@ def test_cache_refuses_other_settings_in_an_existing_store(lm_recipe, lm_store, 
 
 def test_distill_from_a_sampled_store(lm_recipe, lm_store, tmp_path):
     run = tmp_path / "run"
-    result = potstill("distill", str(lm_recipe), "--out", str(run), "--set", f"teacher.cache={lm_store}", cwd=tmp_path)
+    result = potstill("distill", str(lm_recipe), "--out", str(run), "--set", f"teacher.store={lm_store}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     report = json.loads((run / "report.json").read_text())
     store = report["teacher"]["store"]
@@ -183,7 +184,7 @@ def test_distill_from_a_sampled_store(lm_recipe, lm_store, tmp_path):
 
 
 def test_store_task_keeps_no_teacher_model(lm_recipe, lm_store):
-    task = LMTask(load_recipe(str(lm_recipe), [f"teacher.cache={lm_store}"]))
+    task = LMTask(load_recipe(str(lm_recipe), [f"teacher.store={lm_store}"]))
     task.prepare_teacher(_silent)
     gc.collect()
     assert task.teacher_model is None and isinstance(task.teacher, StoreTeacher)
@@ -200,13 +201,13 @@ def test_store_task_keeps_no_teacher_model(lm_recipe, lm_store):
 def test_lm_refusals_name_what_differs(lm_recipe, lm_store, tmp_path):
     # temperature (sampled targets are fixed at theirs): refused through the CLI, exit 2, one line
     line = one_error_line(potstill("distill", str(lm_recipe), "--out", str(tmp_path / "r1"), "--set",
-                                   f"teacher.cache={lm_store}", "--set", "students.forward_kl.params.temperature=2",
+                                   f"teacher.store={lm_store}", "--set", "students.forward_kl.params.temperature=2",
                                    cwd=tmp_path))
     assert "students.forward_kl: temperature 2 differs from the teacher store's 1" in line
     # other data: dataset fingerprint; other tokenizer
     for override, message in (("data.max_sequences=100", "dataset fingerprint differs"),
                               ("data.tokenizer_vocab=400", "tokenizer differs")):
-        task = LMTask(load_recipe(str(lm_recipe), [f"teacher.cache={lm_store}", override]))
+        task = LMTask(load_recipe(str(lm_recipe), [f"teacher.store={lm_store}", override]))
         with pytest.raises(UserError, match=message):
             task.prepare_teacher(_silent)
     # a store whose manifest says another vocabulary
@@ -218,7 +219,7 @@ def test_lm_refusals_name_what_differs(lm_recipe, lm_store, tmp_path):
     manifest = _manifest(lm_store)
     (tampered / "manifest.json").write_text(json.dumps({**manifest, "vocab_size": 513}))
     with pytest.raises(UserError, match=r"vocab size differs \(store 513, run 512\)"):
-        LMTask(load_recipe(str(lm_recipe), [f"teacher.cache={tampered}"])).prepare_teacher(_silent)
+        LMTask(load_recipe(str(lm_recipe), [f"teacher.store={tampered}"])).prepare_teacher(_silent)
 
 
 # ---------------------------------------------------------------- training from a classification store
@@ -228,7 +229,7 @@ def test_classification_store_matches_the_teacher(cls_recipe, cls_store, tmp_pat
     recipe = load_recipe(str(cls_recipe))
     live = ClassificationTask(recipe)
     live.prepare_teacher(_silent)
-    stored = ClassificationTask(load_recipe(str(cls_recipe), [f"teacher.cache={cls_store}"]))
+    stored = ClassificationTask(load_recipe(str(cls_recipe), [f"teacher.store={cls_store}"]))
     stored.prepare_teacher(_silent)
     batch = BatchSource(live.data, recipe.data, 64, 1, seed=0).batch(3)
     student = build_classifier(recipe.student, live.data.input_shape, live.data.num_classes)
@@ -237,7 +238,7 @@ def test_classification_store_matches_the_teacher(cls_recipe, cls_store, tmp_pat
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(stored.teacher_test_logits, live.teacher_test_logits)
 
-    report = run_recipe(load_recipe(str(cls_recipe), [f"teacher.cache={cls_store}"]), tmp_path / "run")
+    report = run_recipe(load_recipe(str(cls_recipe), [f"teacher.store={cls_store}"]), tmp_path / "run")
     assert report["teacher"]["store"]["format"] == "dense"
     reference = run_recipe(recipe, tmp_path / "live")
     for metric in ("accuracy", "agreement", "kl_to_teacher"):
@@ -248,11 +249,12 @@ def test_classification_store_matches_the_teacher(cls_recipe, cls_store, tmp_pat
 
 def test_classification_refusals(cls_recipe, cls_store):
     with pytest.raises(UserError, match="data.augment='shift'"):
-        ClassificationTask(load_recipe(str(cls_recipe), [f"teacher.cache={cls_store}", "data.augment=shift"]))
-    task = ClassificationTask(load_recipe(str(cls_recipe), [f"teacher.cache={cls_store}"]))
-    with pytest.raises(UserError, match=r"students.rkd: method 'rkd' taps teacher features"):
-        task.check_student("rkd", load_recipe("digits").students["rkd"])
-    other = ClassificationTask(load_recipe(str(cls_recipe), [f"teacher.cache={cls_store}", "data.split_seed=1"]))
+        ClassificationTask(load_recipe(str(cls_recipe), [f"teacher.store={cls_store}", "data.augment=shift"]))
+    with_rkd = load_recipe(str(cls_recipe), [f"teacher.store={cls_store}", 'students={"rkd": {"method": "rkd"}}'])
+    with pytest.raises(UserError, match=r"students.rkd: method 'rkd' needs features at module paths .*"
+                                        r"teacher store .* gives logits"):
+        check_students(with_rkd, ClassificationTask(with_rkd))
+    other = ClassificationTask(load_recipe(str(cls_recipe), [f"teacher.store={cls_store}", "data.split_seed=1"]))
     with pytest.raises(UserError, match="dataset fingerprint differs"):
         other.prepare_teacher(_silent)
 
@@ -262,5 +264,5 @@ def test_classification_refusals(cls_recipe, cls_store):
     (["digits", "--format", "topk"], "classification stores keep the teacher's raw logits"),
 ])
 def test_cache_argument_errors_exit_2_before_the_teacher_runs(args, expected, tmp_path):
-    line = one_error_line(potstill("cache", *args, "--out", str(tmp_path / "store"), cwd=tmp_path))
+    line = one_error_line(potstill("store", *args, "--out", str(tmp_path / "store"), cwd=tmp_path))
     assert expected in line and not (tmp_path / "store").exists()

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from potstill.engine.taps import FeatureTaps, build_connector, probe_shapes, resolve_module
+from potstill.models.taps import FeatureTaps, build_connector, probe_shapes, resolve_module
 from potstill.core.errors import UserError
 
 

@@ -1,7 +1,8 @@
 import torch
 
 from potstill.config import TrainConfig
-from potstill.engine.trainer import make_optimizer
+from potstill.methods.ce import CrossEntropy
+from potstill.train.trainer import make_optimizer
 
 
 def test_optimizer_is_fused_adamw_with_decay_on_matrices_only():
@@ -10,7 +11,7 @@ def test_optimizer_is_fused_adamw_with_decay_on_matrices_only():
     reference = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 3))
     reference.load_state_dict(model.state_dict())
     cfg = TrainConfig(lr=1e-2, weight_decay=0.1)
-    optimizer = make_optimizer(model, cfg)
+    optimizer = make_optimizer(CrossEntropy(model, None, CrossEntropy.Config(), num_classes=3, num_train=16), cfg)
     assert all(group["fused"] for group in optimizer.param_groups)  # CPU has a fused kernel
     decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     assert decayed == {id(p) for p in model.parameters() if p.ndim >= 2}

@@ -74,7 +74,3 @@ def build_classifier(cfg: ClassifierModelConfig, in_shape: tuple[int, ...], num_
     if cfg.kind == "mlp":
         return MLP(in_shape, num_classes, cfg.hidden, cfg.dropout)
     return CNN(in_shape, num_classes, cfg.channels, cfg.hidden, cfg.dropout)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
