@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from potstill.config import ClassifierModelConfig
+from potstill.models.params import count_params
 
 
 class MLP(nn.Module):
@@ -66,5 +67,4 @@ def build_classifier(cfg: ClassifierModelConfig, in_shape: tuple[int, ...], num_
     return CNN(in_shape, num_classes, cfg.channels, cfg.hidden, cfg.dropout)
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+count_parameters = count_params  # TODO(v2): callers in tasks/ and store/ switch to models.params.count_params
