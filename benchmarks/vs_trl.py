@@ -83,7 +83,8 @@ class Clock:
 
 def load(args):
     from potstill.data.text import pack_documents, pydoc_documents
-    from potstill.models.hf import count_params, load_builtin, make_student
+    from potstill.models.hf import load_builtin, make_student
+    from potstill.models.params import count_params
     from potstill.tasks.lm import LMBatches
     teacher, tokenizer = load_builtin(TEACHER)
     student = make_student(teacher, num_layers=args.layers, init="teacher_layers", seed=0)

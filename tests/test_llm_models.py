@@ -13,12 +13,12 @@ import torch.nn.functional as F
 
 pytest.importorskip("transformers")
 
-from potstill.data.text import encode_chat, collate_chat, pydoc_documents, train_tiny_tokenizer  # noqa: E402
 from potstill.core.errors import UserError  # noqa: E402
+from potstill.core.paths import cache_dir  # noqa: E402
+from potstill.data.text import encode_chat, collate_chat, pydoc_documents, train_tiny_tokenizer  # noqa: E402
 from potstill.eval.lm_metrics import evaluate_lm, greedy_generate  # noqa: E402
 from potstill.models import hf  # noqa: E402
 from potstill.models.hf import (  # noqa: E402
-    count_params,
     final_logit_softcap,
     lm_hidden_and_head,
     logits_from_hidden,
@@ -27,6 +27,7 @@ from potstill.models.hf import (  # noqa: E402
     tiny_gemma3,
     tiny_llama,
 )
+from potstill.models.params import count_params  # noqa: E402
 
 V = 512
 
@@ -190,10 +191,10 @@ def test_softcapped_model_needs_flag():
 
 def test_cache_dir_env(monkeypatch, tmp_path):
     monkeypatch.setenv("POTSTILL_CACHE_DIR", str(tmp_path / "c"))
-    assert hf.cache_dir() == tmp_path / "c"
+    assert cache_dir() == tmp_path / "c"
     assert hf.builtin_dir("gemma3-270m") == tmp_path / "c" / "models" / "gemma3-270m"
     monkeypatch.delenv("POTSTILL_CACHE_DIR")
-    assert hf.cache_dir().name == "potstill"
+    assert cache_dir().name == "potstill"
 
 
 def test_load_local_dir_and_errors(tmp_path):
@@ -206,6 +207,8 @@ def test_load_local_dir_and_errors(tmp_path):
     with torch.no_grad():
         assert torch.allclose(loaded(x).logits, model(x).logits, atol=1e-6)
     assert ltok.get_vocab() == tok.get_vocab() and ltok.chat_template == tok.chat_template
+    only = hf.load_tokenizer(str(tmp_path / "m"))  # from config.json's directory, no weights loaded
+    assert only.get_vocab() == tok.get_vocab() and only.pad_token_id == tok.pad_token_id
     with pytest.raises(UserError, match="smollm2-135m-instruct"):
         hf.load_causal_lm(tmp_path / "missing")
     with pytest.raises(UserError, match="built-ins"):

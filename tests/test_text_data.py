@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import json
 
 import pytest
@@ -11,8 +12,11 @@ import torch
 
 pytest.importorskip("transformers")
 
+from potstill.core.hashing import tokenizer_sha256  # noqa: E402
 from potstill.data import text as T  # noqa: E402
+from potstill.data.text import generations  # noqa: E402
 from potstill.models.hf import tiny_llama  # noqa: E402
+from potstill.models.hf.chat import format_prompt, has_chat_template  # noqa: E402
 
 
 
@@ -52,6 +56,15 @@ def test_prompts():
     assert all(p.strip() == p and 5 < len(p) < 120 for p in T.PROMPTS)
 
 
+def test_prompts_file_unchanged():
+    # Pins the prompts (text and order) that generated the stored teacher responses: the value is
+    # that of the PROMPTS list as it was written in code before it moved to prompts.txt.
+    assert isinstance(T.PROMPTS, list) and all(isinstance(p, str) and p for p in T.PROMPTS)
+    assert len(T.PROMPTS) == 122
+    digest = hashlib.sha256("\n".join(T.PROMPTS).encode()).hexdigest()
+    assert digest == "466e6d5c1ff6b345d8fcf787bde61fa3301f553a245a5789f178259dedbb1c90"
+
+
 def test_tiny_tokenizer_deterministic_and_roundtrip(tok):
     again = T.train_tiny_tokenizer(T.pydoc_documents()[:40], vocab_size=512)
     assert again.get_vocab() == tok.get_vocab()
@@ -59,7 +72,7 @@ def test_tiny_tokenizer_deterministic_and_roundtrip(tok):
     s = "def f(x):\n    return x ** 2  # ünïcödé"
     assert tok.decode(tok(s, add_special_tokens=False)["input_ids"]) == s
     assert tok.eos_token == "<|endoftext|>" and tok.pad_token == "<pad>"
-    assert T.has_chat_template(tok)
+    assert has_chat_template(tok)
 
 
 def _check_masking(tok, enc, prompt_ids, max_length):
@@ -81,17 +94,17 @@ def _check_masking(tok, enc, prompt_ids, max_length):
 def test_encode_chat_masks_prompt_with_template(tok):
     prompt, response = "What is a list?", "A list is a mutable sequence."
     enc = T.encode_chat(tok, prompt, response, max_length=64)
-    prompt_ids = tok(T.format_prompt(tok, prompt), add_special_tokens=False)["input_ids"]
+    prompt_ids = tok(format_prompt(tok, prompt), add_special_tokens=False)["input_ids"]
     n_prompt, n_real = _check_masking(tok, enc, prompt_ids, 64)
     assert tok.decode(enc["input_ids"][n_prompt:n_real]) == response + "<|im_end|>\n"
-    assert T.format_prompt(tok, prompt).endswith("<|im_start|>assistant\n")
+    assert format_prompt(tok, prompt).endswith("<|im_start|>assistant\n")
 
 
 def test_encode_chat_fallback_without_template(tok):
     tok.chat_template = None
-    assert not T.has_chat_template(tok)
+    assert not has_chat_template(tok)
     prompt, response = "Name a colour.", "Blue."
-    assert T.format_prompt(tok, prompt) == "User: Name a colour.\nAssistant:"
+    assert format_prompt(tok, prompt) == "User: Name a colour.\nAssistant:"
     enc = T.encode_chat(tok, prompt, response, max_length=48)
     prompt_ids = tok("User: Name a colour.\nAssistant:")["input_ids"]
     n_prompt, n_real = _check_masking(tok, enc, prompt_ids, 48)
@@ -140,9 +153,19 @@ def test_split_deterministic():
         T.split(items, 0.6, 0.5, seed=0)
 
 
-def test_generate_responses_cached(tok, tmp_path, monkeypatch):
-    import potstill.models.hf as hf
 
+def test_tokenizer_sha256_ignores_call_time_padding(tok):
+    # transformers leaves the last call's padding/truncation on the backend; the generation cache
+    # key must not change because a batch was padded in between (generate_greedy pads on the left)
+    before = tokenizer_sha256(tok)
+    tok.padding_side = "left"
+    tok(["a", "a longer text"], padding=True, truncation=True, max_length=3)
+    assert tok.backend_tokenizer.padding is not None and tok.backend_tokenizer.truncation is not None
+    assert tokenizer_sha256(tok) == before
+    tok.chat_template = None
+    assert tokenizer_sha256(tok) != before
+
+def test_generate_responses_cached(tok, tmp_path, monkeypatch):
     model = tiny_llama(len(tok), seed=1)
     prompts = T.PROMPTS[:3]
     cache = tmp_path / "gen.json"
@@ -151,7 +174,7 @@ def test_generate_responses_cached(tok, tmp_path, monkeypatch):
     assert cache.exists() and len(json.loads(cache.read_text())) == 1
 
     calls = []
-    monkeypatch.setattr(hf, "generate_greedy", lambda *a, **k: calls.append(1) or ["x"] * len(a[2]))
+    monkeypatch.setattr(generations, "generate_greedy", lambda *a, **k: calls.append(1) or ["x"] * len(a[2]))
     again = T.generate_responses(model, tok, prompts, max_new_tokens=6, batch_size=2, cache_path=cache)
     assert again == first and not calls  # served from the cache
     T.generate_responses(model, tok, prompts, max_new_tokens=7, cache_path=cache)

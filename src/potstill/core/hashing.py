@@ -45,11 +45,23 @@ def weights_sha256(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def _backend_json(backend: Any) -> str:
+    """A fast tokenizer's serialisation without its padding and truncation settings: ``transformers``
+    sets those anew on every call (they are what the last call asked for), so they decide no ids and
+    would make the same tokenizer hash differently before and after a padded call."""
+    if backend.padding is None and backend.truncation is None:
+        return backend.to_str()
+    clean = type(backend).from_str(backend.to_str())
+    clean.no_padding()
+    clean.no_truncation()
+    return clean.to_str()
+
+
 def tokenizer_sha256(tokenizer: Any) -> str:
-    """sha256 of the tokenizer's full serialisation (fast tokenizers) or its vocabulary, plus its
-    special tokens and chat template."""
+    """sha256 of the tokenizer's full serialisation (fast tokenizers; call-time padding and
+    truncation left out) or its vocabulary, plus its special tokens and chat template."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    body = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    body = _backend_json(backend) if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
     extra = {"len": len(tokenizer), "chat_template": getattr(tokenizer, "chat_template", None),
              "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())}}
     return hashlib.sha256((body + json.dumps(extra, sort_keys=True)).encode()).hexdigest()
