@@ -1,0 +1,1 @@
+"""The training loop (plan -> forward/backward -> optimizer steps -> hooks) and its checkpoints."""
