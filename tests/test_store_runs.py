@@ -19,6 +19,7 @@ import yaml
 from helpers import TINY_RECIPE, potstill
 from potstill.app.run import check_students, run_recipe
 from potstill.app.store import store_source
+from potstill.batches import TokenBatch
 from potstill.config import load_recipe_data
 from potstill.data.classification import BatchSource
 from potstill.core.errors import UserError
@@ -191,8 +192,8 @@ def test_store_task_keeps_no_teacher_model(lm_recipe, lm_store):
     teachers = [o for o in gc.get_objects() if type(o).__name__.endswith("ForCausalLM") and isinstance(o, torch.nn.Module)
                 and getattr(o.config, "num_hidden_layers", 0) == 2 and any(p.device.type != "meta" for p in o.parameters())]
     assert not teachers, "a 2-layer teacher model is still in memory"
-    batch = {"index": torch.tensor([5, 0]), "split": "train"}
-    sparse = task.teacher.targets(batch).sparse
+    index = torch.tensor([5, 0])
+    sparse = task.teacher.targets(TokenBatch(task.train_set.view(index), index=index)).sparse
     assert sparse.ids.shape == (2, 64, 6 + 12) and sparse.kind == "sampled"  # 6 exact head ids + 12 tail slots
     student = task._new_student(0)
     assert student.config.num_hidden_layers == 1

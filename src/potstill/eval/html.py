@@ -25,11 +25,11 @@ import html
 import io
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 from potstill.core.errors import UserError
+from potstill.core.io import atomic_write_bytes
 
 KNOWN_ORDER = ["accuracy", "perplexity", "agreement", "kl_to_teacher", "ece", "params"]
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
@@ -392,7 +392,5 @@ def render_html(run_dir: Path) -> Path:
             f"<title>potstill report: {_esc(report.get('recipe', '?'))}</title>"
             f"<style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
     out = run_dir / "report.html"
-    tmp = run_dir / "report.html.tmp"
-    tmp.write_bytes(page.encode("utf-8"))
-    os.replace(tmp, out)
+    atomic_write_bytes(out, page.encode("utf-8"))
     return out

@@ -15,7 +15,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 
 from potstill.config import RecipeBase, StudentConfig, apply_overrides, describe_error_entry, load_recipe_data
 from potstill.core.errors import UserError
-from potstill.teachers.base import Teacher
+from potstill.teachers.base import Teacher, TeacherSpec
 
 OnStep = Callable[[int, dict[str, float]], None]
 OnStepFactory = Callable[[str, int], OnStep]
@@ -33,6 +33,10 @@ class Task(Protocol):
     teacher: Teacher | None  # set by prepare_teacher
 
     def __init__(self, recipe: RecipeBase) -> None: ...
+
+    def teacher_spec(self) -> TeacherSpec:
+        """What the teacher will be (description, capabilities), known before it is built: every
+        student's needs are checked against it before anything trains."""
 
     def prepare_teacher(self, on_step_factory: OnStepFactory) -> None:
         """Data and teacher (train it, load it, or open its store); sets ``teacher``."""
