@@ -13,19 +13,21 @@ batch 64, loss CE + T^2 KL at T=4.
   log_softmax, log_target=True, reduction="batchmean")`` (torch.nn.functional, not potstill.losses).
 * ``hand+potstill losses`` - the same loop with potstill's ``labelled_cross_entropy`` and
   ``losses.classic.kd`` (splits the engine's overhead into loss formulas vs the rest).
-* ``engine`` - ``potstill.engine.trainer.train`` on ``methods.KD`` with a ``LocalTeacher`` and a
+* ``engine`` - ``potstill.train.trainer.train`` on ``methods.KD`` with a ``LocalTeacher`` and a
   no-op ``on_step`` callback (it only records a timestamp, as the hand loops do).
-* ``engine+rich`` - the same with the progress bar ``potstill distill`` shows (its columns,
-  live-rendered by a forced-terminal console into /dev/null, so the refresh thread really runs).
+* ``engine+rich`` - the same with the progress bar ``potstill distill`` shows (the columns of
+  ``potstill.app.run.progress_bars`` and its per-step callback ``bar_factory``, live-rendered by a
+  forced-terminal console into /dev/null, so the refresh thread really runs).
 
 Timed: end-of-step timestamps (wall and process CPU time) of steps WARMUP..steps-1. Per run, wall
 ms/step is the median of the per-step wall times (robust to the run being descheduled on a busy
 machine) and CPU ms/step the process CPU time (every thread) over the window divided by its steps
 (unaffected by descheduling; it counts rich's refresh thread, and spin-waiting intra-op threads).
-The window covers all the engine does per step (schedule, zero_grad, batch, teacher and student
-forward, losses, backward, ``.item()`` of the losses, clipping, AdamW, the log/eval/checkpoint
-tests, the callback). eval_every = log_every = checkpoint_every = steps, so evaluation, metric
-logging and checkpoints fire only at the last step, outside the window, as is the engine's setup
+The window covers all the engine does per step (schedule, the step's plan: batch, ``prepare_step``
+and the loss normaliser; zero_grad, teacher and student forward, losses, backward, clipping, AdamW,
+``after_step``, the log/eval/checkpoint tests, the callback). eval_every = log_every =
+checkpoint_every = steps, so evaluation, metric logging (the only read-back of the losses to the
+host) and checkpoints fire only at the last step, outside the window, as is the engine's setup
 (optimizer, metrics file, TensorBoard writer). Variants are interleaved (rotating order each
 repeat); overhead is the median over repeats of the per-repeat ratio to ``hand``.
 
@@ -51,14 +53,16 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from potstill.config import ClassifierModelConfig, DataConfig, TrainConfig
-from potstill.data.classification import BatchSource, load_classification
-from potstill.engine.trainer import learning_rate, train
+from potstill.app.run import bar_factory
+from potstill.config import TrainConfig
+from potstill.data.classification import BatchSource, DataConfig, load_classification
 from potstill.losses.classic import kd
 from potstill.methods.base import labelled_cross_entropy
 from potstill.methods.kd import KD
-from potstill.models.classifiers import build_classifier
+from potstill.models.classifiers import ClassifierModelConfig, build_classifier
+from potstill.tasks.keep import freeze
 from potstill.teachers.local import LocalTeacher
+from potstill.train.trainer import learning_rate, train
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -94,13 +98,13 @@ def run_hand(data, teacher: torch.nn.Module, student: torch.nn.Module, cfg: Trai
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
         batch = batches.batch(step)
-        logits = student(batch["x"])
+        logits = student(batch.x)
         with torch.no_grad():
-            teacher_logits = teacher(batch["x"])
+            teacher_logits = teacher(batch.x)
         if potstill_losses:
             ce, kl = labelled_cross_entropy(logits, batch), kd(logits, teacher_logits, temperature=T)
         else:
-            ce = F.cross_entropy(logits, batch["y"])
+            ce = F.cross_entropy(logits, batch.y)
             kl = T * T * F.kl_div(F.log_softmax(logits / T, dim=-1), F.log_softmax(teacher_logits / T, dim=-1),
                                   log_target=True, reduction="batchmean")
         (ce + kl).backward()
@@ -124,13 +128,14 @@ def run_engine(data, teacher: torch.nn.Module, student: torch.nn.Module, cfg: Tr
     if not rich:
         return fit(lambda step, losses: stamps.append(clock()))
     with open(os.devnull, "w") as sink:
+        # the columns of potstill.app.run.progress_bars (rich's default refresh rate, as measured before)
         columns = [TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn()]  # as in engine/run.py
+                   TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn()]
         with Progress(*columns, console=Console(file=sink, force_terminal=True, width=100)) as progress:
-            bar = progress.add_task("kd seed 0", total=cfg.steps, loss=float("nan"))
+            bar_step = bar_factory(progress)("kd seed 0", cfg.steps)  # potstill distill's per-step callback
 
             def on_step(step: int, losses: dict[str, float]) -> None:
-                progress.update(bar, completed=step, loss=losses["loss"])
+                bar_step(step, losses)
                 stamps.append(clock())
             fit(on_step)
 
@@ -232,7 +237,7 @@ def main() -> None:
     repeats = dict(zip(args.threads, args.repeats * len(args.threads) if len(args.repeats) == 1 else args.repeats))
     data = load_classification(DATA)
     torch.manual_seed(1234)
-    teacher = build_classifier(TEACHER, data.input_shape, data.num_classes)
+    teacher = freeze(build_classifier(TEACHER, data.input_shape, data.num_classes))  # as a task freezes its own
     results, loads = [], [os.getloadavg()[0]]
     for threads in args.threads:
         for hidden in ([32], [512, 512]):

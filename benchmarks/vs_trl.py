@@ -2,7 +2,7 @@
 
 Both sides train the same student (``make_student(teacher, num_layers=1, init="teacher_layers")``,
 31.9 M of the teacher's 134.5 M parameters) on the same batches (packed pydoc text, every token a
-target, in potstill's ``LMBatches`` order; TRL reads them sequentially) with the same optimizer
+target, in potstill's ``TokenBatches`` order; TRL reads them sequentially) with the same optimizer
 (torch AdamW: TRL's default per-tensor loop for ``trl``, the fused kernel for ``trl+fused`` and
 potstill; constant lr, no weight decay, grad-norm clipping at 1.0, float32, no gradient
 checkpointing) and the same objective, KL(teacher || student) per target token at T = 1.
@@ -16,8 +16,9 @@ checkpointing) and the same objective, KL(teacher || student) per target token a
   engine uses (TRL/transformers' default ``adamw_torch`` is torch's per-tensor loop on CPU, which
   allocates two temporaries the size of each parameter at every step). Not TRL's default, but one
   option away: it shows how much of the difference is the optimizer alone.
-* ``potstill``: ``potstill.engine.trainer.train``, method ``lm_kd`` (``forward_kl``), ``LMTeacher`` run
+* ``potstill``: ``potstill.train.trainer.train``, method ``lm_kd`` (``forward_kl``), ``LMTeacher`` run
   every step (decoder forward to hidden states; the loss goes chunk by chunk over the vocabulary).
+  The step's losses are read back every step (``log_every=1``), for the agreement check with TRL.
 * ``potstill+precompute``: the same after ``LMTeacher.precompute`` over the training set (one epoch
   of the benchmark's steps); its time is reported separately and folded into amortised steps/s.
 * ``--chunk-size N`` adds both potstill rows with ``chunk_size=N`` (default: 168 rows at V = 49,152).
@@ -83,9 +84,9 @@ class Clock:
 
 def load(args):
     from potstill.data.text import pack_documents, pydoc_documents
+    from potstill.data.tokens import TokenBatches, TokenSplit
     from potstill.models.hf import load_builtin, make_student
     from potstill.models.params import count_params
-    from potstill.tasks.lm import LMBatches
     teacher, tokenizer = load_builtin(TEACHER)
     student = make_student(teacher, num_layers=args.layers, init="teacher_layers", seed=0)
     total = args.warmup + args.steps + 1
@@ -96,7 +97,8 @@ def load(args):
     with torch.no_grad():  # the weights are memory-mapped: page them in before the RSS baseline
         sum(float(p.sum()) for p in [*teacher.parameters(), *student.parameters()])
     info = {"teacher_params": count_params(teacher), "student_params": count_params(student)}
-    return teacher, tokenizer, student, data, LMBatches(data, args.batch, 1, seed=0), total, info
+    batches = TokenBatches(TokenSplit(data["input_ids"], data["attention_mask"], data["labels"]), args.batch, 1, seed=0)
+    return teacher, tokenizer, student, data, batches, total, info
 
 
 def run_trl(args, teacher, tokenizer, student, data, batches, total, clock) -> dict:
@@ -134,10 +136,11 @@ def run_trl(args, teacher, tokenizer, student, data, batches, total, clock) -> d
 
 def run_potstill(args, teacher, tokenizer, student, data, batches, total, clock, precompute: bool) -> dict:
     from potstill.config import TrainConfig
-    from potstill.engine.trainer import train
-    from potstill.methods.lm import LMDistill
+    from potstill.methods.lm_kd import LMDistill
+    from potstill.tasks.keep import freeze
     from potstill.teachers.lm import LMTeacher
-    lm_teacher, started = LMTeacher(teacher, TEACHER), time.perf_counter()
+    from potstill.train.trainer import train
+    lm_teacher, started = LMTeacher(freeze(teacher), TEACHER), time.perf_counter()  # frozen, as the LM task does
     if precompute:
         lm_teacher.precompute(data["input_ids"], data["attention_mask"])
     precompute_s = time.perf_counter() - started if precompute else 0.0
@@ -146,8 +149,9 @@ def run_potstill(args, teacher, tokenizer, student, data, batches, total, clock,
     method = LMDistill(student, lm_teacher, config, num_classes=len(tokenizer), num_train=len(data["input_ids"]))
     cfg = TrainConfig(steps=total, batch_size=args.batch, grad_accum=1, lr=args.lr, weight_decay=0.0,
                       warmup_steps=0, min_lr_ratio=1.0, grad_clip=1.0, eval_every=total,
-                      checkpoint_every=total, log_every=total)
-    record = {"losses": [], "num_items": [batches.num_items(step) for step in range(total)],
+                      checkpoint_every=total, log_every=1)  # every step's loss, compared with TRL's
+    # the trainer's loss normaliser: the target tokens of the step (one micro-batch per step here)
+    record = {"losses": [], "num_items": [max(1, batches.batch(step).count_targets()) for step in range(total)],
               "precompute_s": precompute_s}
 
     def on_step(step, totals):

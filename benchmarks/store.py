@@ -1,9 +1,9 @@
 """Benchmark: the offline teacher store: bytes per token, student quality and step time by format.
 
 **Stores.** Three stores of one recipe's teacher and data (default ``smollm2``: SmolLM2-135M-Instruct,
-V = 49,152) are built with the product command, ``potstill cache RECIPE --format F --out DIR``:
+V = 49,152) are built with the product command, ``potstill store RECIPE --format F --out DIR``:
 
-* ``sampled``: ``potstill cache``'s default, the 6 most probable ids exact and 12 draws from the
+* ``sampled``: ``potstill store``'s default, the 6 most probable ids exact and 12 draws from the
   rest (``--sampled-k`` sets the draws);
 * ``topk``: the largest k whose bytes/token (the manifest's size formula) do not exceed sampled's,
   i.e. equal bytes; never chosen on any metric (``--topk-k`` forces one);
@@ -23,7 +23,7 @@ own process, with one student per run:
   training. It runs against a store (the first of sampled/topk/dense built) so that no teacher
   model is loaded and its KL/agreement come from the same held-out targets; its steps never touch it.
 * ``dense`` / ``topk`` / ``sampled``: the recipe's forward-KL student (first ``lm_kd`` entry with
-  ``divergence: forward_kl``) with ``--set teacher.cache=DIR``;
+  ``divergence: forward_kl``) with ``--set teacher.store=DIR``;
 * ``live`` (reference; ``--no-live`` skips it): the same student from the live teacher with the
   recipe's own teacher settings (``precompute`` for smollm2); it should equal ``dense`` up to fp16
   rounding of the stored log-probs (its KL/agreement use the fp32 teacher, not the store).
@@ -42,7 +42,7 @@ in the teacher's ``targets()`` (store reads and decoding, or the precomputed hid
 
 Usage::
 
-    POTSTILL_CACHE_DIR=... python benchmarks/cache.py [--recipe smollm2] [--steps N] [--warmup 2]
+    POTSTILL_CACHE_DIR=... python benchmarks/store.py [--recipe smollm2] [--steps N] [--warmup 2]
         [--repeats 1] [--threads N] [--formats sampled,topk,dense] [--no-live] [--set key=value ...]
         [--work DIR] [--keep-runs] [--write-docs]
 
@@ -73,7 +73,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks.md"
-START, END = "<!-- cache:start -->", "<!-- cache:end -->"
+START, END = "<!-- store:start -->", "<!-- store:end -->"
 STORE_FORMATS = ("sampled", "topk", "dense")  # build order: topk's k depends on sampled's bytes
 GOAL_BYTES, GOAL_PPL, GOAL_TIME, GOAL_V = 64, 0.01, 1.10, 49152
 
@@ -86,10 +86,10 @@ def worker(spec_path: str, out_path: str) -> None:
     from rich.console import Console
 
     import potstill.tasks.lm as lm_module
-    from potstill.config import load_recipe
-    from potstill.engine.run import run_recipe
-    from potstill.store.teacher import StoreTeacher
+    from potstill.app.run import run_recipe
+    from potstill.tasks import load_recipe
     from potstill.teachers.lm import LMTeacher
+    from potstill.teachers.store import StoreTeacher
 
     spec = json.loads(Path(spec_path).read_text())
     calls: list[dict] = []
@@ -119,10 +119,10 @@ def worker(spec_path: str, out_path: str) -> None:
             state["student"] = False
 
     def timed_targets(original):
-        def targets(self, batch):
+        def targets(self, batch, *args, **kwargs):
             started = time.perf_counter()
             try:
-                return original(self, batch)
+                return original(self, batch, *args, **kwargs)
             finally:
                 state["targets_s"] += time.perf_counter() - started
         return targets
@@ -190,7 +190,7 @@ def student_entry(recipe, method: str, divergence: str | None = None) -> dict:
 def store_key(recipe, temperature: float) -> str:
     """Digest of what a store depends on: the recipe's teacher and data settings, the temperature."""
     teacher = recipe.teacher.model_dump(mode="json")
-    teacher.pop("cache", None)
+    teacher.pop("store", None)
     teacher.pop("precompute", None)
     body = json.dumps({"teacher": teacher, "data": recipe.data.model_dump(mode="json"), "T": temperature},
                       sort_keys=True)
@@ -225,14 +225,14 @@ def store_sizes(folder: Path) -> dict:
 
 
 def build_store(args, fmt: str, k: int | None, folder: Path, sets: list[str], temperature: float) -> dict:
-    """``potstill cache`` into ``folder`` unless a complete store is there; returns its build record."""
+    """``potstill store`` into ``folder`` unless a complete store is there; returns its build record."""
     from potstill.store.manifest import load_manifest
     builds_path = folder.parent / "builds.json"
     builds = json.loads(builds_path.read_text()) if builds_path.exists() else {}
     manifest = load_manifest(folder) if folder.exists() else None
     if manifest is not None and manifest.complete:  # reused: its build time is the recorded one (if any)
         return {**builds.get(folder.name, {"wall_s": None, "load": [], "date": manifest.created}), "reused": True}
-    command = [sys.executable, "-m", "potstill", "cache", args.recipe, "--format", fmt, "--out", str(folder),
+    command = [sys.executable, "-m", "potstill", "store", args.recipe, "--format", fmt, "--out", str(folder),
                "--temperature", repr(temperature), *(["--k", str(k)] if k is not None else []),
                *[f"--set={item}" for item in sets]]
     print(f"building the {fmt} store: {shlex.join(command[2:])}", file=sys.stderr, flush=True)
@@ -241,7 +241,7 @@ def build_store(args, fmt: str, k: int | None, folder: Path, sets: list[str], te
     wall = time.perf_counter() - started
     load.append(os.getloadavg()[0])
     record = {"wall_s": wall, "load": load, "date": _dt.datetime.now().isoformat(timespec="seconds"),
-              "resumed": manifest is not None, "command": "potstill " + shlex.join(command[4:])}
+              "resumed": manifest is not None, "command": "potstill " + shlex.join(command[3:])}
     builds[folder.name] = record
     builds_path.write_text(json.dumps(builds, indent=1))
     return {**record, "reused": False}
@@ -284,7 +284,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--recipe", default="smollm2", help="recipe whose teacher, data and student to use")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                        help="recipe override, passed to `potstill cache` and every run (repeatable; wins over "
+                        help="recipe override, passed to `potstill store` and every run (repeatable; wins over "
                              "the benchmark's own settings)")
     parser.add_argument("--steps", type=int, default=20,
                         help="optimizer steps per run (default 20, to stay well under 30 min on 2 cores; "
@@ -307,7 +307,7 @@ def main() -> None:
     if args.worker:
         return worker(args.worker, args.out)
 
-    from potstill.config import load_recipe
+    from potstill.tasks import load_recipe
 
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     if not formats or set(formats) - set(STORE_FORMATS):
@@ -362,12 +362,12 @@ def main() -> None:
     runs_dir.mkdir(parents=True, exist_ok=True)
     ce_store = stores[formats[0]]["dir"]
     configs: dict[str, list[str]] = {
-        "ce": [*common, f"teacher.cache={ce_store}", "students=" + json.dumps({"ce": ce}), *sets]}
+        "ce": [*common, f"teacher.store={ce_store}", "students=" + json.dumps({"ce": ce}), *sets]}
     if not args.no_live:
         configs["live"] = [*common, "students=" + json.dumps({"live": kd}), *sets]
     for fmt in ("dense", "topk", "sampled"):  # table order: dense first (the reference of the sparse rows)
         if fmt in stores:
-            configs[fmt] = [*common, f"teacher.cache={stores[fmt]['dir']}", "students=" + json.dumps({fmt: kd}),
+            configs[fmt] = [*common, f"teacher.store={stores[fmt]['dir']}", "students=" + json.dumps({fmt: kd}),
                             *sets]
     names = list(configs)
     runs: dict[str, list[dict]] = {name: [] for name in names}
@@ -399,7 +399,7 @@ def render(args, recipe, kd, ce, stores, builds, runs, configs, vocab, steps) ->
     any_store = next(iter(stores.values()))
     teacher = next(iter(reports.values()))["teacher"]
     env = os.environ.get("POTSTILL_CACHE_DIR")
-    command = ((f"POTSTILL_CACHE_DIR={env} " if env else "") + "python benchmarks/cache.py "
+    command = ((f"POTSTILL_CACHE_DIR={env} " if env else "") + "python benchmarks/store.py "
                + shlex.join(sys.argv[1:])).strip()
     t = recipe.train
     lines = [
@@ -423,7 +423,7 @@ def render(args, recipe, kd, ce, stores, builds, runs, configs, vocab, steps) ->
     example = next((n for n in ("sampled", "topk", "dense") if n in configs), None)
     if example:
         store_dir = stores[example]["dir"]
-        argv = [("teacher.cache=DIR" if item == f"teacher.cache={store_dir}" else item) for item in configs[example]]
+        argv = [("teacher.store=DIR" if item == f"teacher.store={store_dir}" else item) for item in configs[example]]
         flags = " ".join(shlex.quote(f"--set={item}") for item in argv)
         lines.append(f"Each row is a `potstill distill` run, e.g. the {example} row, with DIR the store of table 1: "
                      f"`potstill distill {args.recipe} {flags}`.")
@@ -431,7 +431,7 @@ def render(args, recipe, kd, ce, stores, builds, runs, configs, vocab, steps) ->
     # step 1
     dense_bytes = bytes_per_token("lm", "dense", None, vocab)
     rows = ["| format | k | bytes/token (manifest) | bytes/token on disk | vs dense | training targets | "
-            "held-out targets (dense, fp16) | `potstill cache` wall time |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+            "held-out targets (dense, fp16) | `potstill store` wall time |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for fmt, s in stores.items():
         b = builds[fmt]
         when = ("not recorded" if b["wall_s"] is None else fmt_time(b["wall_s"])) \
@@ -449,7 +449,7 @@ def render(args, recipe, kd, ce, stores, builds, runs, configs, vocab, steps) ->
                f"{bytes_per_token('lm', 'topk', goal_k, GOAL_V)} bytes/token.")
     lines += ["### 1. Bytes per token", "\n".join(rows),
               "Bytes/token on disk: training shards (safetensors headers included) / stored positions. Wall time: "
-              "the whole `potstill cache` command (start-up, model load, data, one teacher pass over the training "
+              "the whole `potstill store` command (start-up, model load, data, one teacher pass over the training "
               "and test splits, writing, hashing)." + ("" if vocab == GOAL_V else f" {at_goal}")]
 
     # step 2
