@@ -60,3 +60,11 @@ def test_recipes_lists_builtins():
     methods = potstill("recipes", "--methods")
     for name in ("ce", "kd", "dkd", "fitnet", "at", "rkd", "crd"):
         assert name in methods.stdout
+
+
+def test_square_brackets_in_text_are_shown_not_taken_as_markup(tmp_path):
+    """`[mnist]` and `[models]` are extras, not rich markup: they must reach the terminal as written."""
+    listing = potstill("recipes", cwd=tmp_path)
+    assert "[mnist] extra" in " ".join(listing.stdout.split())
+    line = one_error_line(potstill("distill", "dig[its]", cwd=tmp_path))
+    assert "'dig[its]'" in line and "did you mean 'digits'" in line

@@ -12,6 +12,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from potstill.core.errors import UserError
@@ -23,7 +24,7 @@ DEBUG = {"on": False}
 
 
 def fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -106,7 +107,7 @@ def store(
             progress.update(bars["bar"], completed=done)
 
         def warn(message: str) -> None:
-            progress.console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+            progress.console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
         manifest, computed = build_store(source, out, fmt=fmt, k=k, temperature=temperature,
                                          seed=seed, shard_size=shard_size, eval_targets=eval_targets, warn=warn,
@@ -142,12 +143,12 @@ def recipes(methods: bool = typer.Option(False, "--methods", help="List distilla
         table.add_column("method")
         table.add_column("what it does")
         for name, cls in METHODS.items():
-            table.add_row(name, (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0])
+            table.add_row(name, escape((cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]))
     else:
         table.add_column("recipe")
         table.add_column("description")
         for name in sorted(builtin_recipes()):
-            table.add_row(name, str(load_recipe_data(name).get("description", "")))
+            table.add_row(name, escape(str(load_recipe_data(name).get("description", ""))))
     out.print(table)
 
 
@@ -178,7 +179,7 @@ def main() -> None:
     except UserError as error:
         if DEBUG["on"]:
             raise
-        console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("interrupted: continue with `potstill distill --resume RUN_DIR`")

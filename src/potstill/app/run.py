@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from potstill.app.report import build_report, summary_table, write_report
@@ -98,7 +99,7 @@ def run_recipe(recipe: RecipeBase | None, run_dir: Path, *, resume: bool = False
     seeds = [recipe.seed + i for i in range(recipe.seeds)]
     skipped = check_students(recipe, task)
     for name, reason in skipped.items():
-        console.print(f"[yellow]skipping student {name}:[/] {reason}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]skipping student {name}:[/] {escape(reason)}", highlight=False, soft_wrap=True)
     started = time.time()
 
     with progress_bars(console) as progress:
