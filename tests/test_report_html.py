@@ -46,9 +46,10 @@ def _value(metric, stat):
     return f"{_fmt(metric, stat['mean'])} \u00b1 {_fmt(metric, stat['std'], ref=stat['mean'])}"
 
 
-def _cell(metric, stat):
-    """The cell's visible text: ``mean ± std (n=K)``, or ``mean (n=1)``."""
-    return f"{_value(metric, stat)} (n={len(stat['values'])})"
+def _cell(metric, stat, seeds=None):
+    """The cell's visible text: ``mean ± std``, with `` (n=K)`` where K differs from the run's seed count."""
+    n = len(stat["values"])
+    return _value(metric, stat) + ("" if n == seeds else f" (n={n})")
 
 
 def _visible(page: str) -> str:
@@ -138,9 +139,9 @@ def test_render_classification_report(tmp_path):
         assert name in page and s["method"] in page
         names.update(s["metrics"])
         for metric, stat in s["metrics"].items():
-            assert _cell(metric, stat) in text, (name, metric, _cell(metric, stat))
+            assert _cell(metric, stat, len(report["protocol"]["seeds"])) in text, (name, metric)
     for metric, stat in report["teacher"]["metrics"].items():
-        assert _cell(metric, stat) in text
+        assert _cell(metric, stat, len(report["protocol"]["seeds"])) in text
     assert "150,000 (n=1)" in text  # teacher's top-level param count fills the params column
     for metric in names:
         assert metric in page
@@ -217,7 +218,7 @@ def test_render_llm_report(tmp_path):
     for name, m in metrics.items():
         assert name in page
         for metric, stat in m.items():
-            assert metric in page and _cell(metric, stat) in text
+            assert metric in page and _cell(metric, stat, len(report["protocol"]["seeds"])) in text
     assert "135,000,000 \u00b1 0" in page
     assert "18.55 \u00b1 0.35" in page  # perplexity: 2 decimals between 10 and 100
     d = metrics["forward_kl"]["perplexity"]["mean"] - metrics["baseline"]["perplexity"]["mean"]
@@ -236,3 +237,23 @@ def test_not_a_report_is_user_error(tmp_path):
     (tmp_path / "report.json").write_text("[1, 2]")
     with pytest.raises(UserError):
         render_html(tmp_path)
+
+
+def test_console_summary_keeps_each_model_on_one_line_at_80_columns():
+    import io
+
+    from rich.console import Console
+
+    from potstill.app.report import print_summary
+
+    stat = {"mean": 0.95421, "std": 0.00113, "values": [0.95, 0.955, 0.956]}
+    metrics = {m: stat for m in ("accuracy", "agreement", "kl_to_teacher", "ece")} | {
+        "params": {"mean": 2410, "std": 0, "values": [2410] * 3}}
+    report = {"recipe": "digits", "primary_metric": "accuracy", "protocol": {"seeds": [0, 1, 2]},
+              "teacher": {"metrics": metrics}, "students": {n: {"metrics": metrics} for n in ("baseline", "kd", "dkd")}}
+    out = io.StringIO()
+    print_summary(Console(file=out, width=80), report)
+    lines = out.getvalue().splitlines()
+    for name in ("teacher", "baseline", "kd", "dkd"):
+        (row,) = [line for line in lines if line.startswith(f"│ {name} ")]
+        assert row.count("0.9542 ± 0.0011") == 4, row  # every cell whole, on the model's own line

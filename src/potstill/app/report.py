@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from pathlib import Path
 
+from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 import potstill
@@ -59,6 +61,19 @@ def build_report(recipe: RecipeBase, task, results: dict[str, list[dict]], seeds
 def write_report(run_dir: Path, report: dict) -> None:
     atomic_write_json(run_dir / "report.json", report)
     render_html(run_dir)
+
+
+def print_summary(console: Console, report: dict) -> None:
+    """The summary table at the width it needs: rich would fold it into 80 columns when the output
+    is not a terminal (a log file, CI), which breaks every number over two lines."""
+    table = summary_table(report)
+    needed = Measurement.get(console, console.options.update(width=400), table).maximum
+    width = console.width
+    console.width = max(width, needed)
+    try:
+        console.print(table)
+    finally:
+        console.width = width
 
 
 def summary_table(report: dict) -> Table:

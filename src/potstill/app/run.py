@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from potstill.app.report import build_report, summary_table, write_report
+from potstill.app.report import build_report, print_summary, write_report
 from potstill.config import RecipeBase, dump_recipe
 from potstill.core.errors import UserError
 from potstill.core.io import atomic_write_json, atomic_write_text
@@ -128,6 +128,6 @@ def run_recipe(recipe: RecipeBase | None, run_dir: Path, *, resume: bool = False
         report["protocol"].setdefault("notes", []).extend(f"student {n} not trained: {r}" for n, r in skipped.items())
     report["wall_seconds"] = round(time.time() - started, 1)
     write_report(run_dir, report)
-    console.print(summary_table(report))
+    print_summary(console, report)
     console.print(f"report: {run_dir / 'report.html'}")
     return report

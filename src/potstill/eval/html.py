@@ -38,15 +38,16 @@ DASH = "\u2014"
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;margin:2rem auto;
-max-width:1150px;padding:0 1rem;color:#222;line-height:1.45}
+max-width:1320px;padding:0 1rem;color:#222;line-height:1.45}
 h1{margin-bottom:.2rem}h2{margin-top:2rem;border-bottom:1px solid #ddd;padding-bottom:.2rem}
 .sub{color:#666;margin-top:0}
 .protocol{border:2px solid #2a7a3b;border-radius:6px;padding:.6rem 1rem;background:#f4faf5}
 .stamp{display:inline-block;border:2px solid #2a7a3b;color:#2a7a3b;font-weight:700;
 letter-spacing:.08em;padding:.1rem .5rem;border-radius:4px;transform:rotate(-2deg)}
-table{border-collapse:collapse;margin:.5rem 0;font-size:.92rem}
+table{border-collapse:collapse;margin:.5rem 0;font-size:.82rem}
 th,td{border:1px solid #ddd;padding:.3rem .55rem;text-align:left;vertical-align:top}
 th{background:#f3f3f3}td.num{text-align:right;white-space:nowrap;font-variant-numeric:tabular-nums}
+.wide{overflow-x:auto;max-width:100%}td.delta{white-space:normal;min-width:7rem}p,ul{max-width:1150px}
 tr.teacher td{background:#fafafa;color:#444}.n{color:#888;font-size:.8em}
 .noise{color:#a66b00}.better{color:#2a7a3b}.worse{color:#b22}.muted{color:#888}
 td.gen{white-space:pre-wrap;max-width:28rem}img{max-width:100%}code{background:#f3f3f3;padding:0 .2rem}
@@ -221,23 +222,24 @@ def _esc(x: Any) -> str:
 def _delta_cell(primary: str, stat: Any, base: Any, hib: Any) -> str:
     if not (isinstance(stat, dict) and isinstance(base, dict)
             and _finite(stat.get("mean")) and _finite(base.get("mean"))):
-        return f'<td class="num muted">{DASH}</td>'
+        return f'<td class="num delta muted">{DASH}</td>'
     d = stat["mean"] - base["mean"]
     text = ("+" if d >= 0 else "-") + format_number(primary, abs(d), ref=base["mean"])
     noise = sum(s["std"] for s in (stat, base) if _finite(s.get("std")))
     counts = [len(s["values"]) for s in (stat, base) if isinstance(s.get("values"), list)]
     note = "" if all(c >= 2 for c in counts) else " (single seed: noise unknown)"
     if abs(d) < noise:
-        return f'<td class="num noise">{text} \u2248 within noise{note}</td>'
+        return f'<td class="num delta noise">{text} \u2248 within noise{note}</td>'
     if d == 0 or not isinstance(hib, bool):
-        return f'<td class="num">{text}{note}</td>'
+        return f'<td class="num delta">{text}{note}</td>'
     good = (d > 0) == hib
-    return f'<td class="num {"better" if good else "worse"}">{text} {"better" if good else "worse"}{note}</td>'
+    return f'<td class="num delta {"better" if good else "worse"}">{text} {"better" if good else "worse"}{note}</td>'
 
 
 def _main_table(report: dict, models: list[tuple[str, dict]], metrics: list[str]) -> str:
     hib_map = report.get("higher_is_better") or {}
     primary = report.get("primary_metric")
+    seeds = len((report.get("protocol") or {}).get("seeds") or []) or None
     students = report.get("students") or {}
     base = (students.get("baseline") or {}).get("metrics", {}).get(primary) if "baseline" in students else None
     best: dict[str, float] = {}
@@ -265,7 +267,8 @@ def _main_table(report: dict, models: list[tuple[str, dict]], metrics: list[str]
             stat = mets.get(m)
             bold = (not is_teacher and m in best and isinstance(stat, dict) and stat.get("mean") == best[m])
             text = f"<b>{text}</b>" if bold else text
-            cells.append(f'<td class="num">{text} <span class="n">{n}</span></td>' if n else f'<td class="num">{text}</td>')
+            shown = n and n != f"(n={seeds})"  # the run's own seed count is said once, under the table
+            cells.append(f'<td class="num">{text} <span class="n">{n}</span></td>' if shown else f'<td class="num">{text}</td>')
         if base is not None:
             if name == "baseline":
                 cells.append('<td class="num muted">reference</td>')
@@ -273,9 +276,9 @@ def _main_table(report: dict, models: list[tuple[str, dict]], metrics: list[str]
                 cells.append(_delta_cell(primary, mets.get(primary), base, hib_map.get(primary)))
         cls = ' class="teacher"' if is_teacher else ""
         rows.append(f"<tr{cls}><td>{label}</td>{''.join(cells)}</tr>")
-    return (f"<table><tr><th>model</th>{head}{dhead}</tr>\n" + "\n".join(rows) + "</table>\n"
-            '<p class="n">Cells: mean \u00b1 std over seeds on the test split (n = number of seeds). '
-            "Bold: best student per metric (teacher excluded). \u0394 is marked within noise when "
+    return (f'<div class="wide"><table><tr><th>model</th>{head}{dhead}</tr>\n' + "\n".join(rows) + "</table></div>\n"
+            f'<p class="n">Cells: mean \u00b1 std over {seeds or "the"} seeds on the test split; (n=K): K values where '
+            "that differs. Bold: best student per metric (teacher excluded). \u0394 is marked within noise when "
             "|\u0394| &lt; baseline std + student std.</p>")
 
 
