@@ -1,5 +1,10 @@
 """The language-model task's data: Python's own pydoc text packed into sequences, plus prompts the
-teacher answers (prompt tokens masked), each split train/val/test alike."""
+teacher answers (prompt tokens masked).
+
+Held-out text is held out by document: the documents are split train/val/test first (sized by
+their text, :func:`potstill.data.text.split_by_size`) and each part is packed on its own, so no
+sequence of the validation or test split continues a document the students trained on. Prompts
+are split the same way, one prompt per document."""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from potstill.core.errors import UserError
-from potstill.data.text import PROMPTS, encode_chat, pack_documents, pydoc_documents, split
+from potstill.data.text import PROMPTS, encode_chat, pack_documents, pydoc_documents, split, split_by_size
 from potstill.data.tokens import TokenSplit
 from potstill.tasks.lm_config import LMDataConfig
 
@@ -31,14 +36,27 @@ def _split(cfg: LMDataConfig, examples: list) -> tuple[list, list, list]:
     return tuple([examples[i] for i in part] for part in parts)
 
 
+def _caps(cfg: LMDataConfig) -> tuple[int | None, int | None, int | None]:
+    """data.max_sequences shared out as the split fractions (None: no cap)."""
+    if not cfg.max_sequences:
+        return None, None, None
+    val = max(1, round(cfg.max_sequences * cfg.val_fraction))
+    test = max(1, round(cfg.max_sequences * cfg.test_fraction))
+    return max(1, cfg.max_sequences - val - test), val, test
+
+
+def _packed(tokenizer: Any, docs: list[str], seq_len: int, cap: int | None) -> list[dict]:
+    packed = pack_documents(tokenizer, docs, seq_len)[:cap]
+    return [{"input_ids": s, "attention_mask": s.new_ones(s.shape), "labels": s.clone()} for s in packed]
+
+
 def build_lm_data(cfg: LMDataConfig, tokenizer: Any,
                   answer: Callable[[list[str]], list[str]] | None, where: str = "the teacher") -> LMData:
     """Packed text, plus ``cfg.chat_prompts`` prompts answered by ``answer`` (None: no chat data)."""
-    packed = pack_documents(tokenizer, documents(cfg), cfg.seq_len)
-    if cfg.max_sequences:
-        packed = packed[:cfg.max_sequences]
-    text = [{"input_ids": s, "attention_mask": s.new_ones(s.shape), "labels": s.clone()} for s in packed]
-    text_train, text_val, text_test = _split(cfg, text)
+    docs = documents(cfg)
+    parts = split_by_size(docs, [len(d) for d in docs], cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
+    caps = _caps(cfg)
+    text_train, text_val, text_test = (_packed(tokenizer, part, cfg.seq_len, cap) for part, cap in zip(parts, caps))
 
     prompts = PROMPTS[:cfg.chat_prompts] if answer is not None else []
     responses = answer(prompts) if prompts else []

@@ -17,7 +17,7 @@ Conventions used throughout:
 from potstill.data.text.chat import collate_chat, encode_chat
 from potstill.data.text.corpus import pydoc_documents
 from potstill.data.text.generations import generate_responses, generation_cache_key
-from potstill.data.text.packing import pack_documents, split
+from potstill.data.text.packing import pack_documents, split, split_by_size
 from potstill.data.text.prompts import PROMPTS
 from potstill.data.text.tokenizer import TINY_CHAT_TEMPLATE, train_tiny_tokenizer
 
@@ -28,6 +28,7 @@ __all__ = [
     "collate_chat",
     "pack_documents",
     "split",
+    "split_by_size",
     "generate_responses",
     "generation_cache_key",
     "train_tiny_tokenizer",

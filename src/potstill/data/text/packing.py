@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["pack_documents", "split"]
+__all__ = ["pack_documents", "split", "split_by_size"]
 
 T = TypeVar("T")
 
@@ -59,3 +59,32 @@ def split(
     val = [items[i] for i in order[n_test : n_test + n_val]]
     train = [items[i] for i in order[n_test + n_val :]]
     return train, val, test
+
+
+def split_by_size(items: Sequence[T], sizes: Sequence[int], val_fraction: float, test_fraction: float,
+                  seed: int = 0) -> tuple[list[T], list[T], list[T]]:
+    """Whole items into ``(train, val, test)`` so that val and test each hold about their fraction of
+    the total size (documents of very different lengths: split by document, sized by text).
+
+    Items are shuffled with ``random.Random(seed)``; test takes items in that order until it holds at
+    least ``test_fraction`` of the total size, then val likewise, and train the rest. No item is cut,
+    so no text of a held-out item is ever trained on. Each held-out part gets at least one item.
+    """
+    if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError("fractions must be in (0, 1) and sum to less than 1")
+    if len(items) != len(sizes) or len(items) < 3:
+        raise ValueError(f"need one size per item and at least 3 items (got {len(items)} items, {len(sizes)} sizes)")
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    total = sum(sizes)
+    parts: list[list[T]] = [[], [], []]  # test, val, train
+    filled, part = 0, 0
+    goals = (test_fraction * total, (test_fraction + val_fraction) * total)
+    for i in order:
+        while part < 2 and filled >= goals[part] and parts[part]:
+            part += 1
+        parts[part].append(items[i])
+        filled += sizes[i]
+    if not parts[2]:
+        raise ValueError("the held-out fractions leave no item for training")
+    return parts[2], parts[1], parts[0]
