@@ -7,9 +7,11 @@ import subprocess
 import sys
 import time
 
+import torch
 from safetensors.torch import load_file
 
 from helpers import potstill, write_recipe
+from potstill.models.classifiers import load_classifier
 
 TIMING = ("latency_b1_ms", "latency_b256_ms")
 
@@ -54,6 +56,11 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
             wb = load_file(str(run / "students" / name / f"seed_{seed}" / "student.safetensors"))
             assert wa.keys() == wb.keys()
             assert all((wa[k] == wb[k]).all() for k in wa)
+            folders = [base / "students" / name / f"seed_{seed}" for base in (tmp_path / "straight", run)]
+            assert (folders[0] / "student.json").read_text() == (folders[1] / "student.json").read_text()
+            ma, mb = (load_classifier(folder) for folder in folders)
+            assert all(torch.equal(va, vb) for va, vb in zip(ma.state_dict().values(), mb.state_dict().values()))
+    assert b["students"]["kd"]["artifacts"] == ["students/kd/seed_0", "students/kd/seed_1"]
     result = json.loads((run / "students" / "baseline" / "seed_0" / "result.json").read_text())
     assert result["resumed_from"] > 0  # it really continued from a checkpoint
 
@@ -62,11 +69,13 @@ def test_finished_students_are_not_retrained(tmp_path):
     recipe = write_recipe(tmp_path, seeds=1)
     run = tmp_path / "run"
     assert potstill("distill", str(recipe), "--out", str(run), cwd=tmp_path).returncode == 0
-    weights = run / "students" / "kd" / "seed_0" / "student.safetensors"
-    before = weights.stat().st_mtime_ns
+    saved = [run / "students" / "kd" / "seed_0" / f for f in ("student.safetensors", "student.json")]
+    before = [path.stat().st_mtime_ns for path in saved]
     (run / "report.json").unlink()
     assert potstill("distill", "--resume", str(run), cwd=tmp_path).returncode == 0
-    assert weights.stat().st_mtime_ns == before and (run / "report.json").exists()
+    assert [path.stat().st_mtime_ns for path in saved] == before and (run / "report.json").exists()
+    report = json.loads((run / "report.json").read_text())
+    assert report["students"]["kd"]["artifacts"] == ["students/kd/seed_0"]  # read back from result.json
 
 
 def test_kept_teacher_is_reused(tmp_path):

@@ -39,6 +39,9 @@ def build_report(recipe: RecipeBase, task, results: dict[str, list[dict]], seeds
             "metrics": {m: summarize([r["metrics"][m] for r in per_seed]) for m in metric_names},
             "selected_steps": [r["best_step"] for r in per_seed],
         }
+        artifacts = [r["artifact"] for r in per_seed if r.get("artifact")]
+        if artifacts:  # relative to the run directory, one per seed
+            entry["artifacts"] = artifacts
         if "reliability" in per_seed[0]:
             entry["reliability"] = pooled_reliability([r["reliability"] for r in per_seed])
         students[name] = entry

@@ -7,8 +7,14 @@ will give, the task's own dry run); the teacher; each (student, seed); the repor
 Layout of a run directory::
 
     config.yaml                          the resolved recipe (a resumed run reads it back)
-    students/<name>/seed_<k>/            checkpoint/, metrics.jsonl, student.safetensors, result.json
-    report.json, report.html
+    students/<name>/seed_<k>/            checkpoint/, metrics.jsonl, result.json and the student:
+        student.safetensors, student.json    classification: weights and what rebuilds them
+                                             (potstill.models.classifiers.load_classifier)
+        student.safetensors, model/          LM: weights, and a Hugging Face model folder (config,
+                                             weights, tokenizer, chat template, generation config,
+                                             potstill.json) that loads with transformers alone
+    report.json, report.html             report.json lists each student's folders ("artifacts"),
+                                         report.html links them
 
 ``result.json`` is written last (atomically) for a student and seed, so a resumed run skips
 exactly the finished ones and continues the others from their latest checkpoint.
@@ -119,6 +125,8 @@ def run_recipe(recipe: RecipeBase | None, run_dir: Path, *, resume: bool = False
                 result = task.run_student(name, student, seed, seed_dir,
                                           on_step_factory(f"{name} seed {seed}", recipe.train.steps))
                 result["seed"] = seed
+                if "artifact" in result:  # the folder that holds the model, from the run directory
+                    result["artifact"] = (seed_dir / result["artifact"]).relative_to(run_dir).as_posix()
                 atomic_write_json(done, result)
                 results.setdefault(name, []).append(result)
 

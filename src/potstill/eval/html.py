@@ -312,15 +312,28 @@ def _generations(gens: list, names: list[str]) -> str:
     return f"<h2>Generations</h2><table>{head}\n" + "\n".join(rows) + "</table>"
 
 
+def _artifact_links(paths: Any) -> str:
+    """Relative links to a student's saved model folders (``report.json``'s ``artifacts``)."""
+    links = [f'<a href="{_esc(p)}"><code>{_esc(p)}</code></a>' for p in paths if isinstance(p, str) and p]
+    return "<br>".join(links) or DASH
+
+
 def _config_table(students: dict) -> str:
+    saved = any(s.get("artifacts") for s in students.values())
     rows = []
     for name, s in students.items():
         params = s.get("params") or {}
         ptxt = ", ".join(f"{k}={json.dumps(params[k], sort_keys=True)}" for k in sorted(params))
+        link = f"<td>{_artifact_links(s.get('artifacts') or [])}</td>" if saved else ""
         rows.append(f"<tr><td>{_esc(name)}</td><td>{_esc(s.get('method', DASH))}</td>"
-                    f"<td><code>{_esc(ptxt) or DASH}</code></td></tr>")
-    return ("<h2>Students</h2><table><tr><th>student</th><th>method</th><th>params</th></tr>\n"
-            + "\n".join(rows) + "</table>")
+                    f"<td><code>{_esc(ptxt) or DASH}</code></td>{link}</tr>")
+    head = "<th>saved model (per seed)</th>" if saved else ""
+    note = ('\n<p class="n">Links are relative to this page. An LM folder loads with transformers alone '
+            "(<code>AutoModelForCausalLM.from_pretrained(folder)</code>, <code>AutoTokenizer.from_pretrained"
+            "(folder)</code>); a classifier with <code>potstill.models.classifiers.load_classifier(folder)"
+            "</code>.</p>") if saved else ""
+    return (f"<h2>Students</h2><table><tr><th>student</th><th>method</th><th>params</th>{head}</tr>\n"
+            + "\n".join(rows) + "</table>" + note)
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -20,12 +20,11 @@ from potstill.config import RecipeBase, Strict, StudentConfig, TrainConfig, abso
 from potstill.core.device import resolve_runtime
 from potstill.core.errors import UserError
 from potstill.core.hashing import tensor_digest, weights_sha256
-from potstill.core.io import save_tensors
 from potstill.data.classification import BatchSource, DataConfig, load_classification
 from potstill.eval.metrics import classification_metrics, latency_ms, predict, reliability
 from potstill.methods import method_class, method_config
 from potstill.methods.ce import CrossEntropy
-from potstill.models.classifiers import ClassifierModelConfig, build_classifier
+from potstill.models.classifiers import ClassifierModelConfig, build_classifier, save_classifier
 from potstill.models.params import count_params
 from potstill.store.manifest import TeacherIdentity, check_setup
 from potstill.store.reader import StoreReader
@@ -225,7 +224,12 @@ class ClassificationTask(TaskBase):
         result = train(method, batches=batches, evaluate=lambda: self._val_metrics(student), cfg=recipe.train,
                        out_dir=out_dir, selection="val/accuracy", on_step=on_step, runtime=self.runtime)
         method.load_state_dict(result.best_state)
-        save_tensors(out_dir / "student.safetensors", student.state_dict())
+        save_classifier(student, recipe.student, self.data.input_shape, self.data.num_classes, out_dir,
+                        provenance={"recipe": recipe.name, "task": "classification", "student": name,
+                                    "method": cfg.method, "params": cfg.params, "seed": seed,
+                                    "selected_step": result.best_step,
+                                    "selected_value": {"val/accuracy": result.best_value},
+                                    "teacher": self.teacher.description})
 
         ev = recipe.eval
         logits = predict(student, self.data.test.x)
@@ -234,7 +238,7 @@ class ClassificationTask(TaskBase):
         for b in ev.latency_batches:
             metrics[f"latency_b{b}_ms"] = latency_ms(student, self.data.test.x, b, ev.latency_repeats)
         return {"metrics": metrics, "best_step": result.best_step, "best_val": result.best_value,
-                "resumed_from": result.resumed_from,
+                "resumed_from": result.resumed_from, "artifact": ".",
                 "reliability": reliability(logits, self.data.test.y, ev.ece_bins)}
 
     def protocol(self) -> dict:

@@ -31,7 +31,7 @@ from potstill.eval.metrics import PeakMemory
 from potstill.methods import method_class, method_config
 from potstill.methods.lm_ce import LMCrossEntropy
 from potstill.models.hf import final_logit_softcap, lm_hidden_and_head, load_causal_lm, load_tokenizer, logits_from_hidden
-from potstill.models.hf import make_student, tiny_llama
+from potstill.models.hf import make_student, save_student_folder, tiny_llama
 from potstill.models.params import count_params
 from potstill.store.manifest import TeacherIdentity, check_setup
 from potstill.store.reader import StoreReader
@@ -294,8 +294,13 @@ class LMTask(TaskBase):
         method.load_state_dict(result.best_state)
         student.eval()
         save_tensors(out_dir / "student.safetensors", student.state_dict())
-
         ev = recipe.eval
+        save_student_folder(student, self.tokenizer, out_dir / "model", max_new_tokens=ev.generation_tokens,
+                            provenance={"recipe": recipe.name, "task": "lm", "student": name, "method": cfg.method,
+                                        "params": cfg.params, "seed": seed, "selected_step": result.best_step,
+                                        "selected_value": {"val/perplexity": result.best_value},
+                                        "teacher": self.teacher.description})
+
         held_out = evaluate_lm(student, self.teacher_model, self._test_batches())
         tokens = result.trained_items
         metrics = {"perplexity": held_out["perplexity"],
@@ -303,7 +308,7 @@ class LMTask(TaskBase):
                    "params": count_params(student), "tokens_per_s": tokens / elapsed if elapsed > 0 and tokens else 0.0,
                    "peak_memory_mb": memory.peak_mb}
         out = {"metrics": metrics, "best_step": result.best_step, "best_val": result.best_value,
-               "resumed_from": result.resumed_from}
+               "resumed_from": result.resumed_from, "artifact": "model"}
         if seed == recipe.seed and ev.generations:
             out["generations"] = greedy_generate(student, self.tokenizer, self.heldout_prompts[:ev.generations],
                                                  ev.generation_tokens)

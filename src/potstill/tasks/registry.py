@@ -46,7 +46,9 @@ class Task(Protocol):
         to skip one this teacher cannot serve (reported, not trained); None when it is fine."""
 
     def run_student(self, name: str, cfg: StudentConfig, seed: int, out_dir: Path, on_step: OnStep) -> dict:
-        """Train one student with one seed in ``out_dir``; its test metrics and selection record."""
+        """Train one student with one seed in ``out_dir``; its test metrics and selection record.
+        Optional ``"artifact"``: the folder holding the saved model, relative to ``out_dir`` (``"."``,
+        ``"model"``); the run records it relative to the run directory and the report links it."""
 
     def teacher_report(self) -> dict: ...
 

@@ -2,8 +2,9 @@
 
 One module per job: :mod:`.builtin` (GGUF teachers and local directories), :mod:`.student`
 (smaller models of the teacher's class), :mod:`.tiny` (random models for tests), :mod:`.head`
-(hidden states and the LM head), :mod:`.chat` (prompt formatting) and :mod:`.generate` (greedy
-responses). Parameters are counted by :func:`potstill.models.params.count_params`. This package
+(hidden states and the LM head), :mod:`.chat` (prompt formatting), :mod:`.generate` (greedy
+responses) and :mod:`.export` (a trained student as a model folder that loads without
+potstill). Parameters are counted by :func:`potstill.models.params.count_params`. This package
 imports nothing of :mod:`potstill.data`.
 """
 
@@ -17,6 +18,7 @@ from potstill.models.hf.builtin import (
     prepare_tokenizer,
 )
 from potstill.models.hf.chat import FALLBACK_CHAT_FORMAT, format_prompt, has_chat_template
+from potstill.models.hf.export import greedy_generation_config, save_student_folder
 from potstill.models.hf.generate import generate_greedy, stop_token_ids
 from potstill.models.hf.head import final_logit_softcap, lm_hidden_and_head, logits_from_hidden
 from potstill.models.hf.student import make_student, student_layer_indices
@@ -34,6 +36,8 @@ __all__ = [
     "FALLBACK_CHAT_FORMAT",
     "format_prompt",
     "has_chat_template",
+    "greedy_generation_config",
+    "save_student_folder",
     "generate_greedy",
     "stop_token_ids",
     "final_logit_softcap",
