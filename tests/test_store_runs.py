@@ -175,6 +175,7 @@ def test_distill_from_a_sampled_store(lm_recipe, lm_store, tmp_path):
     store = report["teacher"]["store"]
     assert store["format"] == "sampled" and (store["exact"], store["k"]) == (6, 12) and store["dir"] == str(lm_store)
     assert any("offline store" in note for note in report["protocol"]["notes"])
+    assert report["protocol"]["teacher_targets"].startswith(f"offline store {lm_store} (format sampled, exact=6, k=12")
     assert "via teacher store" in report["teacher"]["description"]
     assert set(report["students"]) == {"baseline", "forward_kl"}
     assert "forward_kl" in report["skipped_students"]["reverse_kl"]  # biased with sampled targets: not trained
@@ -241,7 +242,10 @@ def test_classification_store_matches_the_teacher(cls_recipe, cls_store, tmp_pat
 
     report = run_recipe(load_recipe(str(cls_recipe), [f"teacher.store={cls_store}"]), tmp_path / "run")
     assert report["teacher"]["store"]["format"] == "dense"
+    assert report["protocol"]["teacher_targets"] == f"offline store {cls_store} (format dense)"
     reference = run_recipe(recipe, tmp_path / "live")
+    assert reference["protocol"]["teacher_targets"].startswith(("kept teacher reused (key classification-",
+                                                                "trained in this run (kept as classification-"))
     for metric in ("accuracy", "agreement", "kl_to_teacher"):
         assert report["students"]["kd"]["metrics"][metric]["mean"] == pytest.approx(
             reference["students"]["kd"]["metrics"][metric]["mean"], abs=0.01), metric

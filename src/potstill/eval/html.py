@@ -282,6 +282,17 @@ def _main_table(report: dict, models: list[tuple[str, dict]], metrics: list[str]
             "|\u0394| &lt; baseline std + student std.</p>")
 
 
+def _protocol_value(value: Any) -> str:
+    """A structured protocol field as one line: ``train 1031, val 182`` for a mapping, ``a, b`` for a list."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_protocol_value(v)}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_protocol_value(v) for v in value)
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
 def _protocol(report: dict) -> str:
     p = report.get("protocol") or {}
     items = []
@@ -291,7 +302,7 @@ def _protocol(report: dict) -> str:
     if p.get("seeds") is not None:
         items.append(f"<li><b>seeds:</b> {_esc(', '.join(str(s) for s in p['seeds']))}</li>")
     for key in sorted(k for k in p if k not in ("selection", "test", "seeds", "notes")):
-        items.append(f"<li><b>{_esc(key)}:</b> {_esc(p[key])}</li>")
+        items.append(f"<li><b>{_esc(key)}:</b> {_esc(_protocol_value(p[key]))}</li>")
     notes = p.get("notes") or []
     if notes:
         items.append("<li><b>notes:</b><ul>" + "".join(f"<li>{_esc(n)}</li>" for n in notes) + "</ul></li>")

@@ -85,6 +85,7 @@ class ClassificationTask(TaskBase):
     curve_metric = "val/accuracy"
     higher_is_better = {"accuracy": True, "agreement": True, "kl_to_teacher": False, "ece": False,
                         "params": False, "latency_b1_ms": False, "latency_b256_ms": False}
+    teacher_targets: str | None = None  # where the students' teacher targets came from, set by prepare_teacher
 
     def __init__(self, recipe: ClassificationRecipe):
         self.recipe = recipe
@@ -121,6 +122,7 @@ class ClassificationTask(TaskBase):
         store.verify()
         self.teacher = StoreTeacher(store, f"{store.manifest.teacher.description} via teacher store {store.folder}")
         self.teacher_info = {"description": self.teacher.description, "reused": False}
+        self.teacher_targets = f"offline store {store.folder} (format {store.manifest.format})"
         held = store.manifest.held_out
         self.teacher_test_logits = store.heldout(0, held.num_examples).float() if held is not None else None
 
@@ -131,7 +133,9 @@ class ClassificationTask(TaskBase):
         batches = BatchSource(self.data, self.recipe.data, cfg.train.batch_size, cfg.train.grad_accum,
                               seed=cfg.seed, all_labelled=True)
         result = train(method, batches=batches, evaluate=lambda: self._val_metrics(model), cfg=cfg.train,
-                       out_dir=work_dir, selection="val/accuracy", on_step=on_step, runtime=self.runtime)
+                       out_dir=work_dir, selection=self.curve_metric,
+                       higher_is_better=self.higher_is_better[self.primary_metric], on_step=on_step,
+                       runtime=self.runtime)
         method.load_state_dict(result.best_state)
         return {"best_step": result.best_step, "val_accuracy": result.best_value}
 
@@ -149,6 +153,7 @@ class ClassificationTask(TaskBase):
             except RuntimeError as error:
                 raise UserError(f"teacher.path {path} does not fit teacher.model: {str(error).splitlines()[0]}") from None
             self.teacher_info = {"description": f"{cfg.model.kind} loaded from {path}", "reused": True}
+            self.teacher_targets = f"loaded from {path}"
         else:
             torch.manual_seed(cfg.seed)
             model = self._new_teacher_model().to(self.runtime.device)
@@ -156,6 +161,7 @@ class ClassificationTask(TaskBase):
                 self._train_teacher(model, work, on_step_factory("teacher", cfg.train.steps))))
             self.teacher_info = {"description": f"{cfg.model.kind} {cfg.model.channels or ''}{cfg.model.hidden} "
                                                 f"trained by potstill (kept as {key})", "reused": reused}
+            self.teacher_targets = f"kept teacher reused (key {key})" if reused else f"trained in this run (kept as {key})"
         self.teacher = LocalTeacher(freeze(model.to(self.runtime.device)), self.teacher_info["description"])
         self.teacher_test_logits = predict(model, self.data.test.x)
 
@@ -193,6 +199,12 @@ class ClassificationTask(TaskBase):
 
     # ---------------------------------------------------------------- students
 
+    def selection(self) -> dict:
+        """How a student's checkpoint is chosen: what ``run_student`` passes to the trainer, and what the
+        protocol reports (one source, so the two cannot drift apart)."""
+        return {"metric": self.curve_metric, "higher_is_better": self.higher_is_better[self.primary_metric],
+                "every": self.recipe.train.eval_every, "split_size": len(self.data.val)}
+
     def _val_metrics(self, model: torch.nn.Module) -> dict[str, float]:
         logits = predict(model, self.data.val.x)
         return {"val/accuracy": float((logits.argmax(-1) == self.data.val.y).float().mean()),
@@ -221,8 +233,10 @@ class ClassificationTask(TaskBase):
                             num_train=len(self.data.train))
         batches = BatchSource(self.data, recipe.data, recipe.train.batch_size, recipe.train.grad_accum, seed)
         method.setup(batches.batch(0))
+        selection = self.selection()
         result = train(method, batches=batches, evaluate=lambda: self._val_metrics(student), cfg=recipe.train,
-                       out_dir=out_dir, selection="val/accuracy", on_step=on_step, runtime=self.runtime)
+                       out_dir=out_dir, selection=selection["metric"], higher_is_better=selection["higher_is_better"],
+                       on_step=on_step, runtime=self.runtime)
         method.load_state_dict(result.best_state)
         save_classifier(student, recipe.student, self.data.input_shape, self.data.num_classes, out_dir,
                         provenance={"recipe": recipe.name, "task": "classification", "student": name,
@@ -242,13 +256,14 @@ class ClassificationTask(TaskBase):
                 "reliability": reliability(logits, self.data.test.y, ev.ece_bins)}
 
     def protocol(self) -> dict:
-        r = self.recipe
+        r, data, sel = self.recipe, self.data, self.selection()
+        labelled = int(data.labelled.sum())
         notes = [
             f"teacher and students see the same augmented view (random shifts up to {r.data.max_shift} px)"
             if r.data.augment == "shift" else "no augmentation",
-            f"students may use labels of {r.data.label_fraction:.0%} of the {len(self.data.train)} training examples; "
-            "the teacher's targets cover all of them" if r.data.label_fraction < 1 else
-            f"all {len(self.data.train)} training labels are used by every student",
+            f"students may use labels of {labelled} of the {len(data.train)} training examples "
+            f"({r.data.label_fraction:.0%}); the teacher's targets cover all of them" if labelled < len(data.train) else
+            f"all {len(data.train)} training labels are used by every student",
             "every student has the same architecture, steps, batch size and optimizer as the baseline",
             "latency is a timing of this machine: it varies between runs; all other numbers are deterministic",
         ]
@@ -256,8 +271,13 @@ class ClassificationTask(TaskBase):
             notes.insert(0, f"teacher logits came from the offline store {self.store.folder} (fp32 raw logits, "
                             f"manifest sha256 {self.store.digest[:16]}); no teacher model was loaded; teacher "
                             "latency was measured when the store was built")
-        return {"selection": f"best val/accuracy, evaluated every {r.train.eval_every} steps on a validation split "
-                             f"of {len(self.data.val)} examples carved from the training data",
-                "test": f"held-out test split of {len(self.data.test)} examples (data.split_seed={r.data.split_seed}), "
+        return {"selection": f"best {sel['metric']}, evaluated every {sel['every']} steps on a validation split "
+                             f"of {sel['split_size']} examples carved from the training data",
+                "test": f"held-out test split of {len(data.test)} examples (data.split_seed={r.data.split_seed}), "
                         "used only for the final numbers",
-                "notes": notes}
+                "notes": notes,
+                "splits": {"train": len(data.train), "val": len(data.val), "test": len(data.test)},
+                "selection_metric": sel["metric"], "selection_higher_is_better": sel["higher_is_better"],
+                "selection_every": sel["every"], "selection_split_size": sel["split_size"],
+                "label_fraction": r.data.label_fraction, "labelled_examples": labelled,
+                "teacher_targets": self.teacher_targets}

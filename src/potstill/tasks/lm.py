@@ -54,6 +54,7 @@ class LMTask(TaskBase):
     curve_metric = "val/perplexity"
     higher_is_better = {"perplexity": False, "kl_to_teacher": False, "agreement": True, "params": False,
                         "tokens_per_s": True, "peak_memory_mb": False, "teacher_perplexity": False}
+    teacher_targets: str | None = None  # where the students' teacher targets came from, set by prepare_teacher
 
     def __init__(self, recipe: LMRecipe):
         self.recipe = recipe
@@ -103,6 +104,7 @@ class LMTask(TaskBase):
             model, self.tokenizer = load_causal_lm(cfg.model, dtype=getattr(torch, cfg.dtype))
         self._use_data(build_lm_data(self.recipe.data, self.tokenizer, self._answer(model) if model else None))
         self.reused = False
+        self.teacher_targets = f"loaded from {cfg.model}"
         if model is None:
             model = self._tiny_teacher(on_step_factory)
         self.teacher_model = freeze(model.to(self.runtime.device))
@@ -132,12 +134,13 @@ class LMTask(TaskBase):
                                     num_train=len(self.train_set))
             result = train(method, batches=TokenBatches(self.train_set, cfg.train.batch_size, cfg.train.grad_accum, seed=0),
                            evaluate=lambda: self._val_metrics(model), cfg=cfg.train, out_dir=work_dir,
-                           selection="val/perplexity", higher_is_better=False,
+                           selection=self.curve_metric, higher_is_better=self.higher_is_better[self.primary_metric],
                            on_step=on_step_factory("teacher", cfg.train.steps), runtime=self.runtime)
             method.load_state_dict(result.best_state)
             return {"best_step": result.best_step}
 
-        self.reused, _ = keep_once("lm", self._tiny_spec(), model, train_it, reuse=cfg.reuse)
+        self.reused, key = keep_once("lm", self._tiny_spec(), model, train_it, reuse=cfg.reuse)
+        self.teacher_targets = f"kept teacher reused (key {key})" if self.reused else f"trained in this run (kept as {key})"
         return model.eval()
 
     def _prepare_from_store(self) -> None:
@@ -167,6 +170,7 @@ class LMTask(TaskBase):
         del model
         store.verify()
         self.reused = False
+        self.teacher_targets = f"offline store {store.folder} (format {store.describe()})"
         self.teacher = StoreTeacher(store, f"{cfg.model} via teacher store {store.folder} ({store.describe()})")
 
     def _store_student_source(self) -> torch.nn.Module:
@@ -211,10 +215,19 @@ class LMTask(TaskBase):
                    "teacher_argmax": self.store.heldout(start, start + n, "argmax")}
             start += n
 
-    def _val_metrics(self, model: torch.nn.Module) -> dict[str, float]:
+    def _val_views(self):
         ev = self.recipe.eval
-        views = self.val_set.eval_views(ev.batch_size, ev.max_val_sequences)
-        return {"val/perplexity": evaluate_lm(model, None, [v.as_dict() for v in views])["perplexity"]}
+        return self.val_set.eval_views(ev.batch_size, ev.max_val_sequences)
+
+    def _val_metrics(self, model: torch.nn.Module) -> dict[str, float]:
+        return {"val/perplexity": evaluate_lm(model, None, [v.as_dict() for v in self._val_views()])["perplexity"]}
+
+    def selection(self) -> dict:
+        """How a student's checkpoint is chosen: what ``run_student`` passes to the trainer, and what the
+        protocol reports (one source, so the two cannot drift apart)."""
+        return {"metric": self.curve_metric, "higher_is_better": self.higher_is_better[self.primary_metric],
+                "every": self.recipe.train.eval_every,
+                "split_size": sum(len(view.input_ids) for view in self._val_views())}
 
     def teacher_report(self) -> dict:
         ev = self.recipe.eval
@@ -286,10 +299,11 @@ class LMTask(TaskBase):
         method = method_cls(student, teacher, method_cfg, num_classes=len(self.tokenizer), num_train=len(self.train_set))
         batches = TokenBatches(self.train_set, recipe.train.batch_size, recipe.train.grad_accum, seed)
         started = time.perf_counter()
+        selection = self.selection()
         with PeakMemory() as memory:
             result = train(method, batches=batches, evaluate=lambda: self._val_metrics(student), cfg=recipe.train,
-                           out_dir=out_dir, selection="val/perplexity", higher_is_better=False, on_step=on_step,
-                           runtime=self.runtime)
+                           out_dir=out_dir, selection=selection["metric"], higher_is_better=selection["higher_is_better"],
+                           on_step=on_step, runtime=self.runtime)
         elapsed = time.perf_counter() - started
         method.load_state_dict(result.best_state)
         student.eval()
@@ -324,10 +338,10 @@ class LMTask(TaskBase):
         return {"generations": rows} if rows else {}
 
     def protocol(self) -> dict:
-        r = self.recipe
+        r, sel = self.recipe, self.selection()
         return {
-            "selection": f"best val/perplexity, evaluated every {r.train.eval_every} steps on "
-                         f"{min(r.eval.max_val_sequences or 10**9, len(self.val_set))} validation sequences",
+            "selection": f"best {sel['metric']}, evaluated every {sel['every']} steps on "
+                         f"{sel['split_size']} validation sequences",
             "test": f"held-out split of {len(self.test_set)} sequences (pydoc text + teacher-answered prompts), "
                     "used only for the final numbers; perplexity and KL are per target token",
             "notes": [
@@ -339,6 +353,12 @@ class LMTask(TaskBase):
                 "tokens_per_s and peak_memory_mb (peak RSS growth during training, sampled) are measurements of "
                 "this machine; all other numbers are deterministic",
             ],
+            "splits": {"train": len(self.train_set), "val": len(self.val_set), "test": len(self.test_set)},
+            "selection_metric": sel["metric"], "selection_higher_is_better": sel["higher_is_better"],
+            "selection_every": sel["every"], "selection_split_size": sel["split_size"],
+            # every target token of every training sequence is a label the students train on
+            "label_fraction": 1.0, "labelled_examples": len(self.train_set),
+            "teacher_targets": self.teacher_targets,
         }
 
     def _store_note(self) -> str:

@@ -53,7 +53,15 @@ class Task(Protocol):
     def teacher_report(self) -> dict: ...
 
     def protocol(self) -> dict:
-        """What the run did (splits, selection, label use, where teacher targets came from)."""
+        """What the run did (splits, selection, label use, where teacher targets came from).
+
+        Prose for the page under ``selection``, ``test`` and ``notes``; the built-in tasks add the
+        record behind it, taken from the run's own objects: ``splits`` ({train, val, test} sizes),
+        ``selection_metric``, ``selection_higher_is_better``, ``selection_every``,
+        ``selection_split_size`` (what the trainer was given), ``label_fraction``,
+        ``labelled_examples`` and ``teacher_targets`` ("trained in this run (kept as KEY)", "kept
+        teacher reused (key KEY)", "offline store DIR (format ...)" or "loaded from PATH"). The report
+        adds ``seeds``."""
 
     def report_extras(self, results: dict[str, list[dict]]) -> dict: ...
 
