@@ -61,6 +61,11 @@ class RecipeBase(Strict):
     seed: int = Field(0, description="First student seed; seeds are seed, seed+1, ...")
     seeds: int = Field(3, gt=0, description="Seeds per student (mean and std are reported over them).")
     threads: int | None = Field(None, description="torch intra-op threads (null: torch's default).")
+    workers: int | None = Field(None, gt=0, description=(
+        "Worker processes that train (student, seed) pairs side by side, after the teacher is ready "
+        "(every pair is independent and seeded: the numbers do not depend on it). null: one per CPU core "
+        "when the task supports it and the recipe runs on the CPU with threads=1, else 1; capped by the "
+        "number of pairs left to train; 1: all in this process."))
     device: DeviceName = Field("auto", description="auto: CUDA when torch sees a GPU, else CPU; or cpu / cuda.")
     precision: PrecisionName = Field("auto", description="auto: bf16 autocast on CUDA, float32 on CPU; or fp32 / bf16.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Student training schedule (same budget for every student).")

@@ -2,7 +2,8 @@
 
 Stages, in order: the run directory (fresh, or read back to resume); the task; every student
 checked before anything trains (its method and params, what it needs against what the teacher
-will give, the task's own dry run); the teacher; each (student, seed); the report.
+will give, the task's own dry run); the teacher; each (student, seed), in this process or in worker
+processes (:mod:`potstill.app.workers`); the report.
 
 Layout of a run directory::
 
@@ -23,7 +24,9 @@ exactly the finished ones and continues the others from their latest checkpoint.
 from __future__ import annotations
 
 import json
+import os
 import time
+from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
 
@@ -33,9 +36,11 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from potstill.app.report import build_report, print_summary, write_report
+from potstill.app.workers import Job, Workers, run_job
 from potstill.config import RecipeBase, dump_recipe
+from potstill.core.device import resolve_runtime
 from potstill.core.errors import UserError
-from potstill.core.io import atomic_write_json, atomic_write_text
+from potstill.core.io import atomic_write_text
 from potstill.methods import method_class, method_config
 from potstill.tasks import load_recipe, make_task
 from potstill.teachers.base import mismatch_line, unmet_needs
@@ -95,6 +100,24 @@ def bar_factory(progress: Progress):
     return on_step_factory
 
 
+def cpu_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def worker_count(recipe: RecipeBase, task, jobs: int) -> int:
+    """How many processes train the jobs (see ``RecipeBase.workers``); 1: this one."""
+    parallel = getattr(task, "parallel_jobs", False)
+    if recipe.workers is None:
+        on_cpu = resolve_runtime(recipe.device, recipe.precision).device.type == "cpu"
+        wanted = cpu_cores() if parallel and on_cpu and recipe.threads == 1 else 1
+    elif recipe.workers > 1 and not parallel:
+        raise UserError(f"workers={recipe.workers}: task '{recipe.task}' trains its students in this process "
+                        "only; set workers: 1")
+    else:
+        wanted = recipe.workers
+    return max(1, min(wanted, jobs))
+
+
 def run_recipe(recipe: RecipeBase | None, run_dir: Path, *, resume: bool = False,
                console: Console | None = None) -> dict:
     console = console or Console(stderr=True)
@@ -106,35 +129,33 @@ def run_recipe(recipe: RecipeBase | None, run_dir: Path, *, resume: bool = False
     skipped = check_students(recipe, task)
     for name, reason in skipped.items():
         console.print(f"[yellow]skipping student {name}:[/] {escape(reason)}", highlight=False, soft_wrap=True)
+    jobs = [Job(name, student, seed, run_dir / "students" / name / f"seed_{seed}", recipe.train.steps)
+            for name, student in recipe.students.items() if name not in skipped for seed in seeds]
+    done = {job.label: json.loads((job.folder / "result.json").read_text())
+            for job in jobs if (job.folder / "result.json").exists()}
+    todo = [job for job in jobs if job.label not in done]
+    workers = worker_count(recipe, task, len(todo))
     started = time.time()
 
-    with progress_bars(console) as progress:
+    threads = recipe.threads or max(1, cpu_cores() // workers)
+    with progress_bars(console) as progress, (Workers(workers, threads) if workers > 1 else nullcontext()) as pool:
         on_step_factory = bar_factory(progress)
-        task.prepare_teacher(on_step_factory)
-        results: dict[str, list[dict]] = {}
-        for name, student in recipe.students.items():
-            if name in skipped:
-                continue
-            for seed in seeds:
-                seed_dir = run_dir / "students" / name / f"seed_{seed}"
-                done = seed_dir / "result.json"
-                if done.exists():
-                    results.setdefault(name, []).append(json.loads(done.read_text()))
-                    continue
-                seed_dir.mkdir(parents=True, exist_ok=True)
-                result = task.run_student(name, student, seed, seed_dir,
-                                          on_step_factory(f"{name} seed {seed}", recipe.train.steps))
-                result["seed"] = seed
-                if "artifact" in result:  # the folder that holds the model, from the run directory
-                    result["artifact"] = (seed_dir / result["artifact"]).relative_to(run_dir).as_posix()
-                atomic_write_json(done, result)
-                results.setdefault(name, []).append(result)
+        task.prepare_teacher(on_step_factory)  # once, here: workers get it ready, never train one
+        if pool is not None:
+            done.update(pool.run(task, todo, on_step_factory))
+        else:
+            for job in todo:
+                done[job.label] = run_job(task, job, on_step_factory(job.label, job.steps))
+    results: dict[str, list[dict]] = {}
+    for job in jobs:  # the recipe's order, whichever finished first
+        results.setdefault(job.name, []).append(done[job.label])
 
     report = build_report(recipe, task, results, seeds)
     if skipped:
         report["skipped_students"] = skipped
         report["protocol"].setdefault("notes", []).extend(f"student {n} not trained: {r}" for n, r in skipped.items())
     report["wall_seconds"] = round(time.time() - started, 1)
+    report["workers"] = workers
     write_report(run_dir, report)
     print_summary(console, report)
     console.print(f"report: {run_dir / 'report.html'}")

@@ -56,6 +56,10 @@ class StoreReader:
                                 "`potstill store` with the same --out to recompute it")
         self._verified = True
 
+    def __getstate__(self) -> dict:
+        # open shard handles stay with their process (a run's worker processes reopen them)
+        return {**self.__dict__, "_handles": {}}
+
     def _open(self, shard: ShardInfo):
         handle = self._handles.get(shard.file)
         if handle is None:

@@ -33,6 +33,7 @@ from potstill.tasks.keep import freeze, keep_once
 from potstill.tasks.registry import OnStep, OnStepFactory, TaskBase, register_task
 from potstill.teachers.base import TeacherSpec
 from potstill.teachers.local import LocalTeacher
+from potstill.teachers.precomputed import PrecomputedTeacher
 from potstill.teachers.store import StoreTeacher
 from potstill.train.trainer import train
 
@@ -81,6 +82,7 @@ class ClassificationRecipe(RecipeBase):
 class ClassificationTask(TaskBase):
     name = "classification"
     Recipe = ClassificationRecipe
+    parallel_jobs = True
     primary_metric = "accuracy"
     curve_metric = "val/accuracy"
     higher_is_better = {"accuracy": True, "agreement": True, "kl_to_teacher": False, "ece": False,
@@ -162,14 +164,18 @@ class ClassificationTask(TaskBase):
             self.teacher_info = {"description": f"{cfg.model.kind} {cfg.model.channels or ''}{cfg.model.hidden} "
                                                 f"trained by potstill (kept as {key})", "reused": reused}
             self.teacher_targets = f"kept teacher reused (key {key})" if reused else f"trained in this run (kept as {key})"
-        self.teacher = LocalTeacher(freeze(model.to(self.runtime.device)), self.teacher_info["description"])
+        self.teacher_model = freeze(model.to(self.runtime.device))
+        self.teacher = LocalTeacher(self.teacher_model, self.teacher_info["description"])
+        if self.recipe.data.augment == "none":  # a training example's targets never change: computed once
+            self.teacher = PrecomputedTeacher(self.teacher, self.data.train.x, device=self.runtime.device,
+                                              autocast=self.runtime.autocast)
         self.teacher_test_logits = predict(model, self.data.test.x)
 
     def teacher_report(self) -> dict:
         if self.store is not None:
             entry = dict(self.store.manifest.teacher_report or {})
             return {**entry, **self.teacher_info, "store": self.store.report_entry()}
-        model, ev = self.teacher.model, self.recipe.eval
+        model, ev = self.teacher_model, self.recipe.eval
         metrics = classification_metrics(self.teacher_test_logits, self.data.test.y, None, ev.ece_bins)
         metrics["params"] = count_params(model)
         for b in ev.latency_batches:
@@ -182,7 +188,7 @@ class ClassificationTask(TaskBase):
         if self.recipe.data.augment != "none":
             raise UserError(f"data.augment='{self.recipe.data.augment}' gives the teacher a different view every step, "
                             "so stored targets would not match training; set data.augment=none")
-        model, data = self.teacher.model, self.data
+        model, data = self.teacher_model, self.data
         splits = {"train": data.train, "test": data.test}
 
         def logits(split: str, start: int, stop: int) -> torch.Tensor:

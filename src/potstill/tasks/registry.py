@@ -70,6 +70,9 @@ class TaskBase:
     """Defaults for the optional parts of :class:`Task`."""
 
     teacher: Teacher | None = None
+    #: True where the prepared task (teacher included) can be pickled to worker processes that run
+    #: ``run_student`` side by side (recipe key ``workers``); False: every student trains in the run's process
+    parallel_jobs: ClassVar[bool] = False
 
     def report_extras(self, results: dict[str, list[dict]]) -> dict:
         return {}
