@@ -11,19 +11,33 @@ checkpointing) and the same objective, KL(teacher || student) per target token a
   ``beta=0`` (its generalised JSD is then ``F.kl_div(log q_student, log p_teacher, log_target=True)``,
   forward KL). TRL 1.16's ``DistillationTrainer`` is on-policy only (the student always generates).
   Per step: teacher forward with [B, T, V] logits, student forward with [B, T, V] logits, dense
-  log-softmaxes and KL over [B, T-1, V], backward, clip, AdamW.
+  log-softmaxes and KL over [B, T-1, V], backward, clip, AdamW. TRL's default optimizer.
 * ``trl+fused``: the same with ``optim="adamw_torch_fused"``, the fused AdamW kernel potstill's
   engine uses (TRL/transformers' default ``adamw_torch`` is torch's per-tensor loop on CPU, which
-  allocates two temporaries the size of each parameter at every step). Not TRL's default, but one
-  option away: it shows how much of the difference is the optimizer alone.
+  allocates two temporaries the size of each parameter at every step). One option away for a TRL
+  user, and the same optimizer as potstill: **the headline ratios are against this row**.
 * ``potstill``: ``potstill.train.trainer.train``, method ``lm_kd`` (``forward_kl``), ``LMTeacher`` run
   every step (decoder forward to hidden states; the loss goes chunk by chunk over the vocabulary).
   The step's losses are read back every step (``log_every=1``), for the agreement check with TRL.
-* ``potstill+precompute``: the same after ``LMTeacher.precompute`` over the training set (one epoch
-  of the benchmark's steps); its time is reported separately and folded into amortised steps/s.
+* ``potstill+precompute``: the same after ``LMTeacher.precompute`` over the training set (the
+  sequences of all the benchmark's steps, warmup and final step included: one epoch). The one-off
+  pass is timed and folded into **amortised** steps/s, N steps / (N / training steps/s + pass),
+  over 1 epoch (N = the benchmark's steps) and over ``--epochs`` epochs (N = that many times as
+  many steps, one pass). The pass costs the same per sequence whatever the training set's size,
+  so both figures hold for any set size; the raw training-step rate is shown beside them, never
+  alone as a headline.
+* ``floor``: the physical floor of a KD step with a per-step teacher: the teacher's forward to
+  hidden states (no grad, ``LMTeacher.targets``, as ``potstill`` runs it) and the student's
+  plain-CE step (``lm_ce``: chunked cross-entropy on the labels) through the same trainer, optimizer
+  and batches. The goal for ``potstill``'s step time is <= 1.10x the floor's (the rest is the cost
+  of the divergence: the teacher's side of the vocabulary projection and the softmax pair).
 * ``--chunk-size N`` adds both potstill rows with ``chunk_size=N`` (default: 168 rows at V = 49,152).
 
-One subprocess per configuration, one at a time (``--repeats``: rounds in rotated order, medians).
+One subprocess per configuration, one at a time. ``--repeats`` rounds (default 3); each round runs
+every sequence length (``--seq-len 128 512``) and, per length, every configuration, in an order
+rotated by one each round. Reported: median [min-max] over the rounds; ratios are per round
+(against the same round's ``trl+fused`` run of the same length), median [min-max]. The 1-min
+load average is sampled before and after every subprocess and reported as its min-max.
 Timed: end-of-step timestamps of steps ``warmup+1 .. warmup+steps``; one more untimed step keeps
 end-of-training work (potstill's best-state copy, TRL's teardown) out. Peak memory: RSS sampled
 every 5 ms from the baseline (models, data loaded, mmapped weights paged in) to the end of the
@@ -31,8 +45,9 @@ timed window, minus the baseline (gradients, optimizer state, activations, logit
 
 Usage::
 
-    python benchmarks/vs_trl.py [--steps 20] [--warmup 3] [--seq-len 128] [--batch 4] [--repeats 1]
-                                [--threads N] [--chunk-size N] [--only NAME ...] [--write-docs]
+    python benchmarks/vs_trl.py [--steps 20] [--warmup 3] [--seq-len 128 [512 ...]] [--batch 4]
+                                [--repeats 3] [--epochs 3] [--threads N] [--chunk-size N]
+                                [--only NAME ...] [--json PATH] [--write-docs]
 
 On a shared machine, ``--threads 1`` makes "CPU s/step" a stable measure of work: with 2 threads,
 a descheduled thread leaves the other spinning at the next barrier, and both times scatter.
@@ -63,7 +78,8 @@ from potstill.eval.metrics import PeakMemory  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks.md"
 START, END = "<!-- vs_trl:start -->", "<!-- vs_trl:end -->"
-CONFIGS = ("trl", "trl+fused", "potstill", "potstill+precompute")
+CONFIGS = ("trl", "trl+fused", "potstill", "potstill+precompute", "floor")
+REFERENCE = "trl+fused"  # the headline ratios: TRL on the same (fused) AdamW as potstill
 TEACHER = "smollm2-135m-instruct"
 
 
@@ -136,17 +152,28 @@ def run_trl(args, teacher, tokenizer, student, data, batches, total, clock) -> d
 
 def run_potstill(args, teacher, tokenizer, student, data, batches, total, clock, precompute: bool) -> dict:
     from potstill.config import TrainConfig
+    from potstill.methods.lm_ce import LMCrossEntropy
     from potstill.methods.lm_kd import LMDistill
     from potstill.tasks.keep import freeze
     from potstill.teachers.lm import LMTeacher
     from potstill.train.trainer import train
+
+    class Floor(LMCrossEntropy):  # the teacher's per-step forward (discarded) + the student's plain-CE step
+        def forward(self, batch):
+            self.teacher.targets(batch)  # no grad; hidden states, as lm_kd gets them every step
+            return super().forward(batch)
+
     lm_teacher, started = LMTeacher(freeze(teacher), TEACHER), time.perf_counter()  # frozen, as the LM task does
     if precompute:
         lm_teacher.precompute(data["input_ids"], data["attention_mask"])
     precompute_s = time.perf_counter() - started if precompute else 0.0
     chunk = int(args.worker.split("chunk=")[1]) if "chunk=" in args.worker else None
-    config = LMDistill.Config(divergence="forward_kl", temperature=1.0, chunk_size=chunk)
-    method = LMDistill(student, lm_teacher, config, num_classes=len(tokenizer), num_train=len(data["input_ids"]))
+    if args.worker == "floor":
+        method = Floor(student, lm_teacher, LMCrossEntropy.Config(), num_classes=len(tokenizer),
+                       num_train=len(data["input_ids"]))
+    else:
+        config = LMDistill.Config(divergence="forward_kl", temperature=1.0, chunk_size=chunk)
+        method = LMDistill(student, lm_teacher, config, num_classes=len(tokenizer), num_train=len(data["input_ids"]))
     cfg = TrainConfig(steps=total, batch_size=args.batch, grad_accum=1, lr=args.lr, weight_decay=0.0,
                       warmup_steps=0, min_lr_ratio=1.0, grad_clip=1.0, eval_every=total,
                       checkpoint_every=total, log_every=1)  # every step's loss, compared with TRL's
@@ -164,7 +191,7 @@ def run_potstill(args, teacher, tokenizer, student, data, batches, total, clock,
 
 
 def worker(args) -> None:
-    load_start, code = os.getloadavg()[0], source_digest()
+    load_start, code, args.seq_len = os.getloadavg()[0], source_digest(), args.seq_len[0]
     torch.set_num_threads(args.threads or torch.get_num_threads())
     torch.manual_seed(0)
     teacher, tokenizer, student, data, batches, total, info = load(args)
@@ -177,7 +204,7 @@ def worker(args) -> None:
             record = run_potstill(args, teacher, tokenizer, student, data, batches, total, clock,
                                   precompute=args.worker.startswith("potstill+precompute"))
     w, c, a, b = clock.wall, clock.cpu, args.warmup - 1, args.warmup - 1 + args.steps  # ends: warmup, last steps
-    record.update(info, config=args.worker, batch=args.batch, code=code, load=[load_start, os.getloadavg()[0]],
+    record.update(info, config=args.worker, batch=args.batch, seq_len=args.seq_len, code=code, load=[load_start, os.getloadavg()[0]],
                   threads=torch.get_num_threads(), peak_mb=clock.peak_mb, steps_per_s=args.steps / (w[b] - w[a]),
                   median_step_s=statistics.median(w[i] - w[i - 1] for i in range(a + 1, b + 1)),
                   cpu_step_s=(c[b] - c[a]) / args.steps, total_steps=total)
@@ -185,9 +212,13 @@ def worker(args) -> None:
 
 
 def source_digest() -> str:
-    """Digest of potstill's sources, to detect edits between the runs of one invocation."""
-    files = sorted((ROOT / "src" / "potstill").rglob("*.py"))
-    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
+    """Digest of the potstill sources this process imported, to detect edits between the runs of one
+    invocation; suffixed with ``!`` when they are not this checkout's ``src/potstill``."""
+    import potstill
+    package = Path(potstill.__file__).resolve().parent
+    files = sorted(package.rglob("*.py"))
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
+    return digest if package == (ROOT / "src" / "potstill").resolve() else digest + "!"
 
 
 def machine() -> str:
@@ -195,46 +226,117 @@ def machine() -> str:
     import trl
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor() or platform.machine())
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
+    git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, cwd=ROOT).stdout.strip()  # noqa: E731
+    head, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--", "src", "benchmarks")
     return (f"{cpu}, {os.cpu_count()} cores; torch {torch.__version__}, transformers {transformers.__version__}, "
-            f"trl {trl.__version__}, Python {platform.python_version()}; potstill at {head.strip() or '?'}")
+            f"trl {trl.__version__}, Python {platform.python_version()}; potstill at {head or '?'}"
+            + (" with uncommitted changes to src/ or benchmarks/" if dirty else ""))
 
 
-def summary(runs: list[dict]) -> dict:  # medians over repeats; losses from the first run
-    keys = ("steps_per_s", "median_step_s", "cpu_step_s", "peak_mb", "precompute_s")
-    return {**runs[0], **{k: statistics.median(r.get(k, 0.0) for r in runs) for k in keys}}
+def spread(values: list[float], fmt: str = ".3f", unit: str = "") -> str:
+    """median [min-max] of a list (just the value when there is one)."""
+    med = statistics.median(values)
+    if len(values) == 1:
+        return f"{med:{fmt}}{unit}"
+    return f"{med:{fmt}}{unit} [{min(values):{fmt}}-{max(values):{fmt}}]"
 
 
-def table(results: dict[str, dict], epochs: int) -> str:
-    trl, fused = results.get("trl"), results.get("trl+fused")
+def amortised(run: dict, epochs: int) -> float:
+    """Steps/s with the one-off teacher pass spread over ``epochs`` epochs of the benchmark's steps."""
+    n = epochs * run["total_steps"]
+    return n / (n / run["steps_per_s"] + run.get("precompute_s", 0.0))
 
-    def ratios(r, ref):
-        return f"{r['steps_per_s'] / ref['steps_per_s']:.2f}x | {r['peak_mb'] / ref['peak_mb']:.2f}x |" if ref else "- | - |"
 
-    rows = ["| configuration | steps/s | median s/step | CPU s/step | one-off teacher pass | steps/s incl. one-off, "
-            f"1 epoch / {epochs} epochs | peak RSS growth | speed vs TRL | memory vs TRL | speed vs TRL+fused | "
-            "memory vs TRL+fused |",
+def per_round(runs: dict[str, list[dict]], name: str, ref: str, key) -> list[float] | None:
+    """Per-round ratios key(run) / key(reference run of the same round), or None without a reference."""
+    if ref not in runs or ref == name:
+        return None
+    return [key(a) / key(b) for a, b in zip(runs[name], runs[ref])]
+
+
+def table(runs: dict[str, list[dict]], epochs: int) -> str:
+    first = next(iter(runs.values()))[0]
+    n = first["total_steps"]
+    speed, memory = (lambda r: amortised(r, 1)), (lambda r: r["peak_mb"])
+    rows = [f"| configuration | training steps/s | median s/step | CPU s/step | one-off teacher pass | amortised steps/s, "
+            f"1 epoch ({n} steps) / {epochs} epochs ({epochs * n} steps) | peak RSS growth (MiB) | speed vs trl+fused "
+            "| memory vs trl+fused | speed vs trl | memory vs trl |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, r in results.items():
-        one_off, n = r["precompute_s"], r["total_steps"]
-        amortised = [e * n / (e * n / r["steps_per_s"] + one_off) for e in (1, epochs)]
-        rows.append(f"| {name} | {r['steps_per_s']:.3f} | {r['median_step_s']:.2f} | {r['cpu_step_s']:.2f} | "
-                    + (f"{one_off:.0f} s ({n * r['batch']} seqs)" if one_off else "-")
-                    + f" | {amortised[0]:.3f} / {amortised[1]:.3f} | {r['peak_mb']:.0f} MiB | "
-                    + ratios(r, trl) + " " + ratios(r, fused))
+    for name, rs in runs.items():
+        one_off = [r.get("precompute_s", 0.0) for r in rs]
+        cells = [spread([r["steps_per_s"] for r in rs]), spread([r["median_step_s"] for r in rs], ".2f"),
+                 spread([r["cpu_step_s"] for r in rs], ".2f"),
+                 f"{spread(one_off, '.1f', ' s')} ({n * first['batch']} seqs)" if any(one_off) else "-",
+                 (f"{spread([amortised(r, 1) for r in rs])} / {spread([amortised(r, epochs) for r in rs])}"
+                  if any(one_off) else "= training"),
+                 spread([r["peak_mb"] for r in rs], ",.0f")]
+        for ref in (REFERENCE, "trl"):
+            for key in (speed, memory):
+                ratios = per_round(runs, name, ref, key)
+                cells.append("-" if ratios is None and ref not in runs else "1.00x" if ratios is None
+                             else spread(ratios, ".2f", "x"))
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
-def loss_check(results: dict[str, dict]) -> str:
+def headline(runs: dict[str, list[dict]], epochs: int, seq_len: int, batch: int, loads: list[float]) -> str:
+    lines = [f"Headline at {batch} x {seq_len} tokens (1-min load average {min(loads):.1f}-{max(loads):.1f} "
+             f"during these runs; median [min-max] over {len(next(iter(runs.values())))} round(s)):"]
+    n = next(iter(runs.values()))[0]["total_steps"]
+    for ref, label in ((REFERENCE, "TRL on the same fused AdamW (`trl+fused`)"),
+                       ("trl", "TRL's default optimizer (`trl`, `adamw_torch`)")):
+        if ref not in runs:
+            continue
+        parts = []
+        if "potstill" in runs:
+            parts.append(f"potstill (teacher every step) {spread(per_round(runs, 'potstill', ref, lambda r: r['steps_per_s']), '.2f', 'x')} "
+                         f"its steps/s at {spread(per_round(runs, 'potstill', ref, lambda r: r['peak_mb']), '.2f', 'x')} its "
+                         f"peak memory ({statistics.median(r['peak_mb'] for r in runs['potstill']):,.0f} vs "
+                         f"{statistics.median(r['peak_mb'] for r in runs[ref]):,.0f} MiB)")
+        if "potstill+precompute" in runs:
+            pre = "potstill+precompute"
+            parts.append(f"potstill+precompute, one-off teacher pass included: "
+                         f"{spread(per_round(runs, pre, ref, lambda r: amortised(r, 1)), '.2f', 'x')} amortised over 1 epoch "
+                         f"({n} steps), {spread(per_round(runs, pre, ref, lambda r: amortised(r, epochs)), '.2f', 'x')} over "
+                         f"{epochs} epochs ({epochs * n} steps), at "
+                         f"{spread(per_round(runs, pre, ref, lambda r: r['peak_mb']), '.2f', 'x')} its peak memory "
+                         f"(training steps alone: {spread(per_round(runs, pre, ref, lambda r: r['steps_per_s']), '.2f', 'x')})")
+        if parts:
+            lines.append(f"- Against {label}: " + "; ".join(parts) + ".")
+    if "potstill" in runs and "floor" in runs:
+        wall = per_round(runs, "floor", "potstill", lambda r: r["steps_per_s"])  # = potstill s/step / floor s/step
+        cpu = per_round(runs, "potstill", "floor", lambda r: r["cpu_step_s"])
+        met = statistics.median(wall) <= 1.10
+        lines.append(f"- Floor goal: potstill's step time (teacher every step) <= 1.10x the floor's (teacher forward "
+                     f"+ plain-CE student step): {spread(wall, '.3f', 'x')} wall (1 / steps/s), "
+                     f"{spread(cpu, '.3f', 'x')} CPU s/step; **{'met' if met else 'NOT met'}** (median)"
+                     + ("" if len(wall) == 1 else f", {sum(w <= 1.10 for w in wall)} of {len(wall)} rounds <= 1.10x")
+                     + ".")
+    return "\n".join(lines)
+
+
+def loss_check(runs: dict[str, list[dict]]) -> str:
+    results = {name: rs[0] for name, rs in runs.items()}  # losses of the first round (every round is seeded alike)
     trl, lines = results.get("trl", {}).get("losses"), []
     for name, r in results.items():
         line = f"- {name}: first-step loss {r['losses'][0]:.6f} (sum / num_items = {r['num_items'][0]} target tokens)"
-        if trl and name != "trl":
+        if name == "floor":
+            line += "; plain CE on the labels, a different objective: not compared"
+        elif trl and name != "trl":
             diffs = [abs(a - b) / abs(b) for a, b in zip(r["losses"], trl)]
             line += (f"; relative difference to TRL {diffs[0]:.1e} at step 1, at most {max(diffs):.1e} over all "
                      f"{len(diffs)} steps")
         lines.append(line)
     return "\n".join(lines)
+
+
+def describe_load(loads: list[float], threads: int, count: int) -> str:
+    text = (f"1-min load average {min(loads):.2f}-{max(loads):.2f}, sampled before and after each of the {count} "
+            f"runs (each run's own {threads} torch thread(s) count towards it)")
+    if max(loads) <= threads + 0.5:
+        return text + ": the machine was otherwise quiet"
+    return (text + f": above {threads + 0.5:.1f}, so other jobs shared the machine and wall times are noisy "
+            "(CPU s/step less so)")
 
 
 def write_docs(text: str) -> None:
@@ -251,15 +353,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before the timed ones")
-    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, nargs="+", default=[128], help="tokens per sequence (one table each)")
     parser.add_argument("--batch", type=int, default=4, help="sequences per step")
     parser.add_argument("--layers", type=int, default=1, help="student decoder layers")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--chunk-size", type=int, help="also run the potstill rows with this lm_kd chunk_size")
     parser.add_argument("--threads", type=int, help="torch threads per run (default: torch's own)")
-    parser.add_argument("--repeats", type=int, default=1, help="rounds over the configurations (order rotated)")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs for the amortised precompute column")
-    parser.add_argument("--only", action="append", help="run only these configurations (names as in the table)")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds over the configurations (order rotated)")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs of the second amortised precompute figure")
+    parser.add_argument("--only", nargs="+", action="extend", help="run only these configurations (names as in the table)")
+    parser.add_argument("--json", type=Path, help="also write every run's raw record to this file")
     parser.add_argument("--write-docs", action="store_true", help=f"write the results into {DOCS.relative_to(ROOT)}")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -267,45 +370,67 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
-    names = list(CONFIGS) + ([f"{n} chunk={args.chunk_size}" for n in CONFIGS[2:]] if args.chunk_size else [])
+    names = list(CONFIGS) + ([f"{n} chunk={args.chunk_size}" for n in CONFIGS[2:4]] if args.chunk_size else [])
     if args.only:
         unknown = set(args.only) - set(names)
         if unknown:
             parser.error(f"unknown configuration(s) {sorted(unknown)}; choose from {names}")
         names = [n for n in names if n in args.only]
-    runs: dict[str, list[dict]] = {name: [] for name in names}
+    if args.write_docs and not set(CONFIGS) <= set(names):
+        parser.error(f"--write-docs regenerates the whole table: run every configuration of {list(CONFIGS)}")
+    runs: dict[int, dict[str, list[dict]]] = {length: {name: [] for name in names} for length in args.seq_len}
+    loads: dict[int, list[float]] = {length: [] for length in args.seq_len}
     forwarded = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                 if k in ("steps", "warmup", "seq_len", "batch", "layers", "lr", "threads") and v is not None]
+                 if k in ("steps", "warmup", "batch", "layers", "lr", "threads") and v is not None]
+    started = time.perf_counter()
     for repeat in range(args.repeats):
-        for name in names[repeat % len(names):] + names[:repeat % len(names)]:
-            with tempfile.NamedTemporaryFile(suffix=".json") as out:
-                print(f"round {repeat + 1}/{args.repeats}: {name} ...", file=sys.stderr, flush=True)
-                subprocess.run([sys.executable, __file__, "--worker", name, "--out", out.name, *forwarded],
-                               check=True, cwd=ROOT, stdout=sys.stderr)  # TRL prints its logs: keep stdout clean
-                runs[name].append(json.loads(Path(out.name).read_text()))
-    results = {name: summary(runs[name]) for name in names}
-    r = next(iter(results.values()))
-    loads = [x for rs in runs.values() for run in rs for x in run["load"]]
-    codes = {run["code"] for rs in runs.values() for run in rs}
+        for length in args.seq_len:
+            for name in names[repeat % len(names):] + names[:repeat % len(names)]:
+                with tempfile.NamedTemporaryFile(suffix=".json") as out:
+                    before = os.getloadavg()[0]
+                    print(f"[{time.perf_counter() - started:6.0f} s] round {repeat + 1}/{args.repeats}, {args.batch} x "
+                          f"{length}: {name} (load {before:.2f}) ...", file=sys.stderr, flush=True)
+                    subprocess.run([sys.executable, __file__, "--worker", name, "--out", out.name,
+                                    f"--seq-len={length}", *forwarded],
+                                   check=True, cwd=ROOT, stdout=sys.stderr)  # TRL prints its logs: keep stdout clean
+                    loads[length] += [before, os.getloadavg()[0]]
+                    runs[length][name].append(json.loads(Path(out.name).read_text()))
+    every = [run for by_name in runs.values() for rs in by_name.values() for run in rs]
+    r, codes, all_loads = every[0], {run["code"] for run in every}, [x for xs in loads.values() for x in xs]
+    command = "python benchmarks/vs_trl.py " + " ".join(sys.argv[1:])
     setup = (f"Teacher {TEACHER} ({r['teacher_params'] / 1e6:.1f} M params, float32); student {args.layers} layer(s), "
              f"teacher-layer init ({r['student_params'] / 1e6:.1f} M params, "
-             f"{r['student_params'] / r['teacher_params']:.1%} of the teacher); batch {args.batch} x {args.seq_len} "
-             f"tokens of packed pydoc text; AdamW lr {args.lr} constant, clip 1.0; {args.steps} timed steps after "
-             f"{args.warmup} warmup steps (+1 untimed final step); forward KL at T = 1; lm_kd's default "
-             f"chunk_size unless the row says otherwise. Each configuration in its own process, one at a time; "
-             f"{args.repeats} round(s), medians shown.")
-    command = "python benchmarks/vs_trl.py " + " ".join(sys.argv[1:])
-    text = "\n\n".join([
-        "## potstill vs TRL (LM distillation, forward KL)",
-        f"`{command.strip()}` on {_dt.date.today().isoformat()}; {machine()} (sources {'/'.join(sorted(codes))}"
-        f"{': CHANGED during the run' if len(codes) > 1 else ''}); {r['threads']} torch threads; the machine was "
-        f"shared with other jobs (1-min load average {min(loads):.1f}-{max(loads):.1f} during the runs), so wall "
-        "times are noisy.",
-        setup, table(results, args.epochs), "First-step loss (same batch, same student init) and agreement:\n\n"
-        + loss_check(results)])
+             f"{r['student_params'] / r['teacher_params']:.1%} of the teacher); batch {args.batch} x "
+             f"{' and '.join(map(str, args.seq_len))} tokens of packed pydoc text; AdamW lr {args.lr} constant, clip 1.0; "
+             f"{args.steps} timed steps after {args.warmup} warmup steps (+1 untimed final step); forward KL at T = 1; "
+             f"lm_kd's default chunk_size unless the row says otherwise. Each configuration in its own process, one at "
+             f"a time; {args.repeats} round(s), each over every length and configuration in an order rotated each "
+             f"round. Cells: median [min-max] over rounds; ratios: per round against the same round's run, median "
+             f"[min-max]. Speed ratios use the 1-epoch amortised steps/s (the training-step rate for rows without a "
+             f"one-off pass). The one-off pass covers one epoch of the benchmark's data ({r['total_steps']} steps); it "
+             f"costs the same per sequence for any training-set size, so the amortised figures hold for any size at "
+             f"that number of epochs. `floor`: the teacher's forward to hidden states (no grad) + potstill's `lm_ce` "
+             f"student step, same trainer, optimizer and batches (its loss is CE, not KD).")
+    sections = ["## potstill vs TRL (LM distillation, forward KL)",
+                f"`{command.strip()}` on {_dt.date.today().isoformat()}; {machine()}; sources "
+                f"{'/'.join(sorted(codes))}{': CHANGED during the run' if len(codes) > 1 else ''}; {r['threads']} torch "
+                f"thread(s); {describe_load(all_loads, r['threads'], len(every))}. "
+                f"Wall time of the whole benchmark: {(time.perf_counter() - started) / 60:.1f} min.",
+                setup]
+    for length in args.seq_len:
+        sections += [f"### {args.batch} x {length} tokens",
+                     headline(runs[length], args.epochs, length, args.batch, loads[length]),
+                     table(runs[length], args.epochs),
+                     "First-step loss (same batch, same student init) and agreement with TRL, round 1:\n\n"
+                     + loss_check(runs[length])]
+    text = "\n\n".join(sections)
     print(text)
-    print(json.dumps(runs), file=sys.stderr)
-    if args.write_docs and "trl" in results:
+    raw = json.dumps({str(length): by_name for length, by_name in runs.items()})
+    if args.json:
+        args.json.write_text(raw)
+    else:
+        print(raw, file=sys.stderr)
+    if args.write_docs:
         write_docs(text)
 
 
