@@ -48,6 +48,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import DOCS, write_section  # noqa: E402  benchmarks/ is on sys.path when run as a script
 import torch
 import torch.nn.functional as F
 from rich.console import Console
@@ -65,8 +66,6 @@ from potstill.teachers.local import LocalTeacher
 from potstill.train.trainer import learning_rate, train
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ROOT / "docs" / "benchmarks.md"
-START, END = "<!-- engine_overhead:start -->", "<!-- engine_overhead:end -->"
 DATA = DataConfig(name="digits", test_fraction=0.3, val_fraction=0.15, augment="none")  # recipe digits-full
 TEACHER = ClassifierModelConfig(kind="cnn", channels=[32, 64], hidden=[128])
 BATCH, T, SEED, WARMUP = 64, 4.0, 0, 20
@@ -186,7 +185,7 @@ HEADER = ["student", "threads", "variant", "wall ms/step", "wall ÷ hand", "CPU 
 
 def markdown(results: list[dict], args, command: str, loads: list[float]) -> str:
     repeats = ", ".join(f"{r['repeats']} at {r['threads']} thread(s)" for r in results[::2])
-    lines = [START, "## Engine overhead: `train()` vs a hand-written KD loop", "",
+    lines = ["## Engine overhead: `train()` vs a hand-written KD loop", "",
              f"`{command}`, {_dt.date.today().isoformat()}, {platform.machine()} CPU with {os.cpu_count()} "
              f"cores (1-minute load average {min(loads):.1f}-{max(loads):.1f} during the runs, which add up to "
              f"their own thread count; more means other jobs: timings are then noisy), torch {torch.__version__}, "
@@ -208,18 +207,7 @@ def markdown(results: list[dict], args, command: str, loads: list[float]) -> str
         parts = [f"{name}: equal={eq}, allclose={close}, max |diff|={diff:.1e}"
                  for name, (eq, close, diff) in r["equiv"].items()]
         lines.append(f"- MLP {r['hidden']}, {r['threads']} thread(s): " + "; ".join(parts))
-    lines.append(END)
     return "\n".join(lines)
-
-
-def write_docs(section: str) -> None:
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"  # re-read right before writing
-    if START in text and END in text:
-        text = text[:text.index(START)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    DOCS.write_text(text)
 
 
 def main() -> None:
@@ -249,7 +237,7 @@ def main() -> None:
     section = markdown(results, args, " ".join(["python benchmarks/engine_overhead.py", *sys.argv[1:]]), loads)
     print(section)
     if args.write_docs:
-        write_docs(section)
+        write_section("engine_overhead", section)
         print(f"wrote {DOCS}")
 
 

@@ -57,7 +57,6 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -67,13 +66,12 @@ import time
 from pathlib import Path
 
 import yaml
+from common import DOCS, machine, source_digest, write_section  # benchmarks/ is on sys.path when run as a script
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ROOT / "docs" / "benchmarks.md"
-START, END = "<!-- store:start -->", "<!-- store:end -->"
 STORE_FORMATS = ("sampled", "topk", "dense")  # build order: topk's k depends on sampled's bytes
 GOAL_BYTES, GOAL_PPL, GOAL_TIME, GOAL_V = 64, 0.01, 1.10, 49152
 
@@ -162,20 +160,6 @@ def worker(spec_path: str, out_path: str) -> None:
 
 # ----------------------------------------------------------------------------- helpers
 
-def source_digest() -> str:
-    """Digest of potstill's sources, to detect edits between the runs of one invocation."""
-    files = sorted((ROOT / "src" / "potstill").rglob("*.py"))
-    return hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
-
-
-def machine() -> str:
-    import torch
-    import transformers
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or platform.machine())
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
-    return (f"{cpu} ({platform.machine()}), {os.cpu_count()} cores; torch {torch.__version__}, transformers "
-            f"{transformers.__version__}, Python {platform.python_version()}; potstill at {head.strip() or '?'}")
 
 
 def student_entry(recipe, method: str, divergence: str | None = None) -> dict:
@@ -381,7 +365,7 @@ def main() -> None:
     print(text)
     print(f"raw results: {runs_dir / 'results.json'}", file=sys.stderr)
     if args.write_docs:
-        write_docs(text)
+        write_section("store", text)
 
 
 # ----------------------------------------------------------------------------- report
@@ -404,7 +388,7 @@ def render(args, recipe, kd, ce, stores, builds, runs, configs, vocab, steps) ->
     t = recipe.train
     lines = [
         "## Offline teacher store: bytes per token, student quality, step time",
-        f"`{command}` on {_dt.date.today().isoformat()}; {machine()} (sources {'/'.join(sorted(codes))}"
+        f"`{command}` on {_dt.date.today().isoformat()}; {machine('transformers')} (sources {'/'.join(sorted(codes))}"
         f"{': CHANGED during the runs' if len(codes) > 1 else ''}); {'/'.join(map(str, sorted(threads)))} torch "
         f"thread(s); the machine was shared with other jobs (1-min load average {min(loads):.1f}-{max(loads):.1f} "
         "during the runs), so times are noisy.",
@@ -526,16 +510,6 @@ def render(args, recipe, kd, ce, stores, builds, runs, configs, vocab, steps) ->
                      "teacher, so these verdicts only check the script.")
     lines += ["### Goals", "\n".join(goals)]
     return "\n\n".join(lines)
-
-
-def write_docs(text: str) -> None:
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    current, block = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n", f"{START}\n{text}\n{END}"  # re-read now
-    if START in current and END in current:
-        head, rest = current.split(START, 1)
-        DOCS.write_text(head + block + rest.split(END, 1)[1])
-    else:
-        DOCS.write_text(current.rstrip("\n") + "\n\n" + block + "\n")
 
 
 if __name__ == "__main__":

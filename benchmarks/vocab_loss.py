@@ -44,9 +44,9 @@ import sys
 import time
 from pathlib import Path
 
+from common import write_section  # benchmarks/ is on sys.path when run as a script
+
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ROOT / "docs" / "benchmarks.md"
-START, END = "<!-- vocab_loss:start -->", "<!-- vocab_loss:end -->"
 METHODS = ("dense", "trl_gkd", "trl_chunked", "linear")
 ALL_METHODS = METHODS + ("linear_generic",)
 
@@ -254,19 +254,6 @@ def goal_line(results: list[dict]) -> str:
             f"time = {ratio:.2f}x dense ({'met' if ratio <= 1.1 else 'NOT met'}).")
 
 
-def write_docs(section: str) -> None:
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    block = f"{START}\n{section.rstrip()}\n{END}"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        _, tail = rest.split(END, 1)
-        text = head + block + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    DOCS.write_text(text)
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--vocab", type=int, nargs="+", default=None)
@@ -342,7 +329,7 @@ inputs, each method in its own process (high-water mark reset after the inputs v
 Product goal at V = 262,144: `linear` peak <= 1/8 of dense and time <= 1.1x dense.
 {goal_line(results)}
 """
-    write_docs(section.replace("\n\n\n", "\n\n"))
+    write_section("vocab_loss", section.replace("\n\n\n", "\n\n"))
 
 
 if __name__ == "__main__":

@@ -57,10 +57,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import hashlib
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -71,13 +69,12 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from common import DOCS, machine, source_digest, write_section  # noqa: E402  benchmarks/ is on sys.path when run as a script
 import torch  # noqa: E402
 
 from potstill.eval.metrics import PeakMemory  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ROOT / "docs" / "benchmarks.md"
-START, END = "<!-- vs_trl:start -->", "<!-- vs_trl:end -->"
 CONFIGS = ("trl", "trl+fused", "potstill", "potstill+precompute", "floor")
 REFERENCE = "trl+fused"  # the headline ratios: TRL on the same (fused) AdamW as potstill
 TEACHER = "smollm2-135m-instruct"
@@ -211,26 +208,6 @@ def worker(args) -> None:
     Path(args.out).write_text(json.dumps(record))
 
 
-def source_digest() -> str:
-    """Digest of the potstill sources this process imported, to detect edits between the runs of one
-    invocation; suffixed with ``!`` when they are not this checkout's ``src/potstill``."""
-    import potstill
-    package = Path(potstill.__file__).resolve().parent
-    files = sorted(package.rglob("*.py"))
-    digest = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:12]
-    return digest if package == (ROOT / "src" / "potstill").resolve() else digest + "!"
-
-
-def machine() -> str:
-    import transformers
-    import trl
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or platform.machine())
-    git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, cwd=ROOT).stdout.strip()  # noqa: E731
-    head, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--", "src", "benchmarks")
-    return (f"{cpu}, {os.cpu_count()} cores; torch {torch.__version__}, transformers {transformers.__version__}, "
-            f"trl {trl.__version__}, Python {platform.python_version()}; potstill at {head or '?'}"
-            + (" with uncommitted changes to src/ or benchmarks/" if dirty else ""))
 
 
 def spread(values: list[float], fmt: str = ".3f", unit: str = "") -> str:
@@ -339,16 +316,6 @@ def describe_load(loads: list[float], threads: int, count: int) -> str:
             "(CPU s/step less so)")
 
 
-def write_docs(text: str) -> None:
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    current, block = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n", f"{START}\n{text}\n{END}"  # re-read now
-    if START in current and END in current:
-        head, rest = current.split(START, 1)
-        DOCS.write_text(head + block + rest.split(END, 1)[1])
-    else:
-        DOCS.write_text(current.rstrip("\n") + "\n\n" + block + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
@@ -412,7 +379,7 @@ def main() -> None:
              f"that number of epochs. `floor`: the teacher's forward to hidden states (no grad) + potstill's `lm_ce` "
              f"student step, same trainer, optimizer and batches (its loss is CE, not KD).")
     sections = ["## potstill vs TRL (LM distillation, forward KL)",
-                f"`{command.strip()}` on {_dt.date.today().isoformat()}; {machine()}; sources "
+                f"`{command.strip()}` on {_dt.date.today().isoformat()}; {machine('transformers', 'trl')}; sources "
                 f"{'/'.join(sorted(codes))}{': CHANGED during the run' if len(codes) > 1 else ''}; {r['threads']} torch "
                 f"thread(s); {describe_load(all_loads, r['threads'], len(every))}. "
                 f"Wall time of the whole benchmark: {(time.perf_counter() - started) / 60:.1f} min.",
@@ -431,7 +398,7 @@ def main() -> None:
     else:
         print(raw, file=sys.stderr)
     if args.write_docs:
-        write_docs(text)
+        write_section("vs_trl", text)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,15 @@
-"""Shared test utilities: a tiny, fast classification recipe and a CLI runner."""
+"""Shared test utilities: a tiny, fast classification recipe, a CLI runner, and kill-then-resume."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -72,3 +76,35 @@ def assert_chunk_bounded(sizes: list[tuple[int, str]], chunk_numel: int, label: 
         assert numel % chunk_numel == 0 and numel <= 6 * chunk_numel, (label, "workspace", numel, op)
         rest = rest[1:]
     assert not rest or rest[0][0] <= chunk_numel, (label, rest[0])
+
+
+TIMING = ("latency_b1_ms", "latency_b256_ms")
+
+
+def deterministic_numbers(report: dict) -> dict:
+    """Every report number except timings of this machine."""
+    def strip(metrics):
+        return {k: v for k, v in metrics.items() if k not in TIMING}
+    return {
+        "teacher": strip(report["teacher"]["metrics"]),
+        "students": {name: {"metrics": strip(s["metrics"]), "selected": s["selected_steps"]}
+                     for name, s in report["students"].items()},
+    }
+
+
+def kill_then_resume(recipe: Path, run: Path, cwd: Path, ready: Callable[[], bool]) -> dict:
+    """``potstill distill RECIPE --out RUN``, SIGKILLed as soon as ``ready()`` holds, then
+    ``--resume RUN`` to the end; returns the resumed run's report."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "potstill", "distill", str(recipe), "--out", str(run)],
+                               cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not ready() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    time.sleep(1)  # worker processes notice their main process is gone and exit
+    assert not (run / "report.json").exists()
+    resumed = potstill("distill", "--resume", str(run), cwd=cwd)
+    assert resumed.returncode == 0, resumed.stderr
+    return json.loads((run / "report.json").read_text())

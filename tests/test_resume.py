@@ -1,31 +1,12 @@
 """A run killed with SIGKILL after a checkpoint resumes to exactly the uninterrupted result."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import torch
 from safetensors.torch import load_file
 
-from helpers import potstill, write_recipe
+from helpers import deterministic_numbers, kill_then_resume, potstill, write_recipe
 from potstill.models.classifiers import load_classifier
-
-TIMING = ("latency_b1_ms", "latency_b256_ms")
-
-
-def deterministic_numbers(report: dict) -> dict:
-    """Every report number except timings of this machine."""
-    def strip(metrics):
-        return {k: v for k, v in metrics.items() if k not in TIMING}
-    return {
-        "teacher": strip(report["teacher"]["metrics"]),
-        "students": {name: {"metrics": strip(s["metrics"]), "selected": s["selected_steps"]}
-                     for name, s in report["students"].items()},
-    }
-
 
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     recipe = write_recipe(tmp_path)
@@ -33,22 +14,9 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     assert straight.returncode == 0, straight.stderr
 
     run = tmp_path / "killed"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "potstill", "distill", str(recipe), "--out", str(run)],
-                               cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first_checkpoint = run / "students" / "baseline" / "seed_0" / "checkpoint" / "state.json"
-    deadline = time.time() + 300
-    while not first_checkpoint.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    assert not (run / "report.json").exists()
-
-    resumed = potstill("distill", "--resume", str(run), cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr
-
+    b = kill_then_resume(recipe, run, tmp_path, first_checkpoint.exists)
     a = json.loads((tmp_path / "straight" / "report.json").read_text())
-    b = json.loads((run / "report.json").read_text())
     assert deterministic_numbers(a) == deterministic_numbers(b)
     for name in ("baseline", "kd"):
         for seed in (0, 1):

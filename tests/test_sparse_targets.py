@@ -20,7 +20,7 @@ from potstill.losses.divergences import DIVERGENCES
 from potstill.batches import TokenBatch, TokenView
 from potstill.methods.lm_kd import LMDistill
 from potstill.models.hf import lm_hidden_and_head, tiny_llama
-from potstill.targets import SparseTargets, sample, stratified_draws, topk
+from potstill.targets import sample, stratified_draws, topk
 from potstill.teachers.base import TeacherOutput
 
 DIVS = [

@@ -2,22 +2,16 @@
 killed parallel run resumes to the same result, and errors in a worker stay one line."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 from safetensors.torch import load_file
 
-from helpers import potstill, write_recipe
+from helpers import deterministic_numbers, kill_then_resume, potstill, write_recipe
 from potstill.app.run import cpu_cores, worker_count
 from potstill.app.workers import Job, RemoteTraceback, Workers
 from potstill.config import StudentConfig
 from potstill.core.errors import UserError
 from potstill.tasks import load_recipe
-from test_resume import deterministic_numbers
 
 TINY_DIGITS = ["--set", "train.steps=30", "--set", "teacher.train.steps=30", "--set", "seeds=2"]
 
@@ -50,22 +44,8 @@ def test_killed_parallel_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert straight.returncode == 0, straight.stderr
 
     run = tmp_path / "killed"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "potstill", "distill", str(recipe), "--out", str(run)],
-                               cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while (not list(run.glob("students/*/seed_*/checkpoint/state.json")) and process.poll() is None
-           and time.time() < deadline):
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    time.sleep(1)  # the workers notice their main process is gone and exit
-    assert not (run / "report.json").exists()
-
-    resumed = potstill("distill", "--resume", str(run), cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr
+    b = kill_then_resume(recipe, run, tmp_path, lambda: bool(list(run.glob("students/*/seed_*/checkpoint/state.json"))))
     a = json.loads((tmp_path / "straight" / "report.json").read_text())
-    b = json.loads((run / "report.json").read_text())
     assert deterministic_numbers(a) == deterministic_numbers(b)
     same_weights(tmp_path / "straight", run, students=("baseline", "kd"))
     assert any(json.loads(p.read_text())["resumed_from"] > 0 for p in run.glob("students/*/seed_*/result.json"))

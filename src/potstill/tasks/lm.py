@@ -25,7 +25,7 @@ from potstill.core.hashing import json_digest, tokenizer_sha256, weights_sha256
 from potstill.core.io import save_tensors
 from potstill.core.paths import cache_dir
 from potstill.data.text import generate_responses, train_tiny_tokenizer
-from potstill.data.tokens import TokenBatches, TokenSplit
+from potstill.data.tokens import TokenBatches
 from potstill.eval.lm_metrics import evaluate_lm, greedy_generate
 from potstill.eval.metrics import PeakMemory
 from potstill.methods import method_class, method_config

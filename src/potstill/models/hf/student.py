@@ -47,14 +47,6 @@ def _text_config(config: Any) -> Any:
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def _layers_of(model: torch.nn.Module) -> torch.nn.ModuleList:
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    layers = getattr(decoder, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
-        raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
-    return layers
-
-
 def make_student(
     teacher: torch.nn.Module,
     *,
