@@ -1,5 +1,6 @@
-"""(student, seed) jobs in worker processes: the same numbers and weights as in one process, a
-killed parallel run resumes to the same result, and errors in a worker stay one line."""
+"""(student, seed) jobs in worker processes: the same numbers and weights as in one process (the
+teacher trained in a worker included), a killed parallel run resumes to the same result, and
+errors in a worker stay one line."""
 
 import json
 
@@ -38,6 +39,27 @@ def test_two_workers_give_the_numbers_and_weights_of_one(tmp_path):
     same_weights(tmp_path / "w1", tmp_path / "w2")
 
 
+def test_a_teacher_trained_in_a_worker_beside_the_baseline_is_the_one_of_one_process(tmp_path, monkeypatch):
+    args = ["--set", "train.steps=30", "--set", "teacher.train.steps=300", "--set", "seeds=2"]
+    runs, kept = {}, {}
+    for workers in (1, 2):
+        cache = tmp_path / f"cache{workers}"  # an empty cache each: both runs train the teacher
+        monkeypatch.setenv("POTSTILL_CACHE_DIR", str(cache))
+        out = tmp_path / f"w{workers}"
+        result = potstill("distill", *args, "--set", f"workers={workers}", "--out", str(out), cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        runs[workers] = json.loads((out / "report.json").read_text())
+        assert runs[workers]["protocol"]["teacher_targets"].startswith("trained in this run")
+        (kept[workers],) = cache.glob("teachers/*/teacher.safetensors")
+    assert kept[1].read_bytes() == kept[2].read_bytes()
+    assert deterministic_numbers(runs[1]) == deterministic_numbers(runs[2])
+    same_weights(tmp_path / "w1", tmp_path / "w2")
+    # the baseline needs no teacher: the second worker trained it while the first trained the teacher
+    baseline = tmp_path / "w2" / "students" / "baseline" / "seed_0" / "student.safetensors"
+    assert baseline.stat().st_mtime < kept[2].stat().st_mtime
+    assert json.loads(baseline.with_suffix(".json").read_text())["provenance"]["teacher"] is None
+
+
 def test_killed_parallel_run_resumes_to_the_uninterrupted_result(tmp_path):
     recipe = write_recipe(tmp_path, workers=2)
     straight = potstill("distill", str(recipe), "--out", str(tmp_path / "straight"), cwd=tmp_path)
@@ -53,6 +75,12 @@ def test_killed_parallel_run_resumes_to_the_uninterrupted_result(tmp_path):
 
 class FailingTask:
     """Picklable, importable by a worker (this module): the second seed fails with a user error."""
+
+    def teacher_to_train(self):
+        return False
+
+    def prepare_teacher(self, on_step_factory):
+        pass
 
     def run_student(self, name, cfg, seed, out_dir, on_step):
         if seed == 1:

@@ -140,10 +140,11 @@ def run_recipe(recipe: RecipeBase | None, run_dir: Path, *, resume: bool = False
     threads = recipe.threads or max(1, cpu_cores() // workers)
     with progress_bars(console) as progress, (Workers(workers, threads) if workers > 1 else nullcontext()) as pool:
         on_step_factory = bar_factory(progress)
-        task.prepare_teacher(on_step_factory)  # once, here: workers get it ready, never train one
-        if pool is not None:
-            done.update(pool.run(task, todo, on_step_factory))
+        if pool is not None:  # prepares the teacher too (trains it in a worker when there is one to train)
+            task, finished = pool.run(task, todo, on_step_factory)
+            done.update(finished)
         else:
+            task.prepare_teacher(on_step_factory)
             for job in todo:
                 done[job.label] = run_job(task, job, on_step_factory(job.label, job.steps))
     results: dict[str, list[dict]] = {}

@@ -24,12 +24,12 @@ from potstill.data.classification import BatchSource, DataConfig, load_classific
 from potstill.eval.metrics import classification_metrics, latency_ms, predict, reliability
 from potstill.methods import method_class, method_config
 from potstill.methods.ce import CrossEntropy
-from potstill.models.classifiers import ClassifierModelConfig, build_classifier, save_classifier
+from potstill.models.classifiers import ClassifierModelConfig, build_classifier, load_classifier, save_classifier
 from potstill.models.params import count_params
 from potstill.store.manifest import TeacherIdentity, check_setup
 from potstill.store.reader import StoreReader
 from potstill.store.source import StoreSource
-from potstill.tasks.keep import freeze, keep_once
+from potstill.tasks.keep import WEIGHTS as KEPT_WEIGHTS, freeze, keep_once, kept_dir
 from potstill.tasks.registry import OnStep, OnStepFactory, TaskBase, register_task
 from potstill.teachers.base import TeacherSpec
 from potstill.teachers.local import LocalTeacher
@@ -228,7 +228,32 @@ class ClassificationTask(TaskBase):
         method.setup(ClassBatch(train.x[:2], train.y[:2], self.data.labelled[:2], index=torch.arange(2)))
         return None
 
+    def teacher_to_train(self) -> bool:
+        """Whether ``prepare_teacher`` would train a teacher (none kept yet for this spec)."""
+        cfg = self.recipe.teacher
+        return not (self.store is not None or cfg.path or
+                    (cfg.reuse and (kept_dir("classification", self._keep_spec()) / KEPT_WEIGHTS).exists()))
+
+    def trains_without_teacher(self, cfg: StudentConfig) -> bool:
+        """Whether this student trains without the teacher (only its fidelity metrics read it, at the end)."""
+        method_cls = method_class(cfg.method, where="method")
+        return not method_cls.uses_teacher(method_config(cfg.method, cfg.params, where="params"))
+
     def run_student(self, name: str, cfg: StudentConfig, seed: int, out_dir: Path, on_step: OnStep) -> dict:
+        student, trained = self._train_student(name, cfg, seed, out_dir, on_step)
+        return self._evaluate_student(student, trained)
+
+    # The two halves of run_student, for a worker that trains a teacher-free student while the
+    # teacher trains elsewhere: train_student needs no teacher, evaluate_student (later) does.
+
+    def train_student(self, name: str, cfg: StudentConfig, seed: int, out_dir: Path, on_step: OnStep) -> dict:
+        return self._train_student(name, cfg, seed, out_dir, on_step)[1]
+
+    def evaluate_student(self, out_dir: Path, trained: dict) -> dict:
+        return self._evaluate_student(load_classifier(out_dir).to(self.runtime.device), trained)
+
+    def _train_student(self, name: str, cfg: StudentConfig, seed: int, out_dir: Path,
+                       on_step: OnStep) -> tuple[torch.nn.Module, dict]:
         recipe = self.recipe
         method_cls = method_class(cfg.method, where=f"students.{name}.method")
         method_cfg = method_config(cfg.method, cfg.params, where=f"students.{name}")
@@ -249,16 +274,18 @@ class ClassificationTask(TaskBase):
                                     "method": cfg.method, "params": cfg.params, "seed": seed,
                                     "selected_step": result.best_step,
                                     "selected_value": {"val/accuracy": result.best_value},
-                                    "teacher": self.teacher.description})
+                                    "teacher": teacher.description if teacher is not None else None})
+        return student, {"best_step": result.best_step, "best_val": result.best_value,
+                         "resumed_from": result.resumed_from}
 
-        ev = recipe.eval
+    def _evaluate_student(self, student: torch.nn.Module, trained: dict) -> dict:
+        ev = self.recipe.eval
         logits = predict(student, self.data.test.x)
         metrics = classification_metrics(logits, self.data.test.y, self.teacher_test_logits, ev.ece_bins)
         metrics["params"] = count_params(student)
         for b in ev.latency_batches:
             metrics[f"latency_b{b}_ms"] = latency_ms(student, self.data.test.x, b, ev.latency_repeats)
-        return {"metrics": metrics, "best_step": result.best_step, "best_val": result.best_value,
-                "resumed_from": result.resumed_from, "artifact": ".",
+        return {"metrics": metrics, **trained, "artifact": ".",
                 "reliability": reliability(logits, self.data.test.y, ev.ece_bins)}
 
     def protocol(self) -> dict:

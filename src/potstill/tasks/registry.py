@@ -77,6 +77,18 @@ class TaskBase:
     def report_extras(self, results: dict[str, list[dict]]) -> dict:
         return {}
 
+    # Optional, for worker processes (parallel_jobs): a task that says True to both trains its teacher
+    # in one worker while the others train the students that do not need it (``train_student``, then
+    # ``evaluate_student`` once the teacher is ready; together they are ``run_student``).
+
+    def teacher_to_train(self) -> bool:
+        """Whether ``prepare_teacher`` would train a teacher (rather than load, reuse or open one)."""
+        return False
+
+    def trains_without_teacher(self, cfg: StudentConfig) -> bool:
+        """Whether student ``cfg`` trains without the teacher (its final metrics may still read it)."""
+        return False
+
     @classmethod
     def store_recipe(cls, recipe: RecipeBase) -> RecipeBase:
         """The recipe as ``potstill store`` runs it (e.g. without work the store replaces)."""
