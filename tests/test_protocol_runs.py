@@ -176,3 +176,20 @@ def test_lm_protocol_records_the_run(lm_runs):
     assert protocol["labelled_examples"] == splits["train"]
     assert protocol["teacher_targets"].startswith(("trained in this run (kept as lm-", "kept teacher reused (key lm-"))
     check_selection_record(clean, protocol, higher_is_better=False)
+
+
+def test_digits_are_sklearns_digits_exactly():
+    """The digits are read from the file sklearn ships (no sklearn import at startup): the same
+    images and labels as sklearn's own loader, or every number and kept teacher would move."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from potstill.data.classification import _load_arrays
+
+    x, y = _load_arrays("digits")
+    bunch = load_digits()
+    assert x.dtype == np.float32 and x.shape == (1797, 1, 8, 8)
+    expected = (bunch.images / 16.0).astype(np.float32)[:, None]
+    assert np.array_equal(x, expected)
+    assert x.strides == expected.strides  # the layout picks the convolution kernel: same teacher bits
+    assert np.array_equal(y, bunch.target) and y.dtype == np.int64
