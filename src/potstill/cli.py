@@ -7,6 +7,7 @@ appears only with --debug.
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -21,6 +22,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Knowledge distillation for PyTorch, with honest reports.")
 console = Console(stderr=True)
 DEBUG = {"on": False}
+STARTED = time.monotonic()  # about when the process started: a run says how long it took from here
 
 
 def fail(message: str) -> None:
@@ -45,11 +47,11 @@ def distill(
     if resume is not None:
         if recipe or set_ or seeds is not None or out is not None:
             fail("--resume continues a run exactly as configured; drop the recipe, --set, --seeds and --out")
-        run_recipe(None, resume, resume=True, console=console)
+        run_recipe(None, resume, resume=True, console=console, started=STARTED)
         return
     overrides = list(set_) + ([f"seeds={seeds}"] if seeds is not None else [])
     loaded = load_recipe(recipe or "digits", overrides)
-    run_recipe(loaded, out or default_run_dir(loaded.name), console=console)
+    run_recipe(loaded, out or default_run_dir(loaded.name), console=console, started=STARTED)
 
 
 @app.command(name="store")

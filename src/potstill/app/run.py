@@ -119,7 +119,10 @@ def worker_count(recipe: RecipeBase, task, jobs: int) -> int:
 
 
 def run_recipe(recipe: RecipeBase | None, run_dir: Path, *, resume: bool = False,
-               console: Console | None = None) -> dict:
+               console: Console | None = None, started: float | None = None) -> dict:
+    """Run (or resume) a recipe in ``run_dir``; ``started``: the ``time.monotonic()`` the printed
+    duration counts from (default: now)."""
+    began = time.monotonic() if started is None else started
     console = console or Console(stderr=True)
     recipe = prepare_run_dir(run_dir, recipe, resume)
     if recipe.threads:
@@ -160,4 +163,6 @@ def run_recipe(recipe: RecipeBase | None, run_dir: Path, *, resume: bool = False
     write_report(run_dir, report)
     print_summary(console, report)
     console.print(f"report: {run_dir / 'report.html'}")
+    in_workers = f" ({workers} worker processes)" if workers > 1 else ""
+    console.print(f"done in {time.monotonic() - began:.1f} s wall{in_workers}", highlight=False)
     return report
