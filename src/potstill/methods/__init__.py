@@ -12,14 +12,17 @@ from potstill.methods.base import Method
 from potstill.methods.ce import CrossEntropy
 from potstill.methods.crd import CRD
 from potstill.methods.dkd import DKD
+from potstill.methods.dml import DML
 from potstill.methods.fitnet import FitNet
 from potstill.methods.kd import KD
 from potstill.methods.lm_ce import LMCrossEntropy
 from potstill.methods.lm_kd import LMDistill
 from potstill.methods.rkd import RKD
+from potstill.methods.self_kd import SelfKD
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (CrossEntropy, KD, DKD, FitNet, AttentionTransfer, RKD, CRD, LMCrossEntropy, LMDistill)
+    cls.name: cls for cls in (CrossEntropy, KD, DKD, FitNet, AttentionTransfer, RKD, CRD, SelfKD, DML, LMCrossEntropy,
+                               LMDistill)
 }
 
 
