@@ -1,6 +1,6 @@
-"""Self-distillation (self_kd: EMA / snapshot self-teacher) and deep mutual learning (dml): the copy's
-update rule and the losses against formulas written out here (float64), peers as a pure function of
-the seed, an exact resume of the EMA, and an end-to-end run."""
+"""Self-distillation (self_kd: EMA / snapshot self-teacher; ps_kd: progressive self-targets) and deep
+mutual learning (dml): the copy's update rule and the losses against formulas written out here
+(float64), peers as a pure function of the seed, an exact resume of the EMA, and an end-to-end run."""
 
 from __future__ import annotations
 
@@ -178,6 +178,38 @@ def test_dml_losses_are_the_formulas_and_targets_are_detached():
     assert all(torch.equal(losses[k].detach(), v) for k, v in method(relabelled).items())
 
 
+def test_ps_kd_targets_blend_the_label_with_the_last_prediction():
+    alpha, progress = 0.6, 0.5
+    method = build("ps_kd", {"alpha": alpha})
+    method.progress = progress
+    share = alpha * progress
+    first = random_batch(3)
+    first = ClassBatch(first.x, first.y, first.labelled, index=torch.arange(12))
+    with torch.no_grad():
+        method(first)  # rows 0..11 now have a past prediction
+        past = method.student(first.x).softmax(-1)  # train-mode batch norm: the same batch, the same logits
+    second = random_batch(4)
+    index = torch.arange(6, 18)  # rows 6..11 were seen, 12..17 were not
+    second = ClassBatch(second.x, second.y, second.labelled, index=index)
+    losses = method(second)
+    assert set(losses) == {"ce", "progressive"}
+    with torch.no_grad():
+        s = method.student(second.x)
+    seen = index < 12
+    soft_ce = -(past[index[seen]] * log_softmax(s[seen])).sum(-1)
+    close(losses["ce"], (1 - share) * ce_formula(s, second.y, second.labelled), CE_RTOL)
+    close(losses["progressive"], share * soft_ce.mean(), 1e-6)  # the buffer holds float32 probabilities
+    close(method.past_probs[index], s.softmax(-1), 1e-6)  # this batch's predictions kept for next time
+    assert bool(method.seen[:18].all()) and not bool(method.seen[18:].any())
+    # an unlabelled row's label is never read, in the loss or in what is kept
+    kept = state(method)  # forward writes the buffer: both calls start from the same one
+    relabelled = ClassBatch(second.x, torch.where(second.labelled, second.y, (second.y + 1) % C), second.labelled,
+                            index=index)
+    again = method(second)
+    method.load_state_dict(kept)
+    assert all(torch.equal(again[k], v) for k, v in method(relabelled).items())
+
+
 # ---------------------------------------------------------------- 3. DML peers and the seed
 
 
@@ -254,7 +286,7 @@ def test_self_kd_resumes_exactly(tmp_path):
 
 def test_distill_runs_self_kd_and_dml_end_to_end(tmp_path):
     students = {"baseline": {"method": "ce"}, "ema": {"method": "self_kd", "params": {"warmup_steps": 10}},
-                "dml": {"method": "dml"}}
+                "dml": {"method": "dml"}, "ps_kd": {"method": "ps_kd"}}
     recipe = write_recipe(tmp_path, seeds=1, students=students)
     run = tmp_path / "run"
     done = potstill("distill", str(recipe), "--out", str(run), "--set", "train.steps=30",
@@ -266,5 +298,5 @@ def test_distill_runs_self_kd_and_dml_end_to_end(tmp_path):
         assert 0.0 < report["students"][name]["metrics"]["accuracy"]["mean"] <= 1.0
     # what is saved is the student alone (not the self-teacher copy, not the other peers)
     baseline = load_file(str(run / "students" / "baseline" / "seed_0" / "student.safetensors"))
-    for name in ("ema", "dml"):
+    for name in ("ema", "dml", "ps_kd"):
         assert load_file(str(run / "students" / name / "seed_0" / "student.safetensors")).keys() == baseline.keys()

@@ -17,12 +17,13 @@ from potstill.methods.fitnet import FitNet
 from potstill.methods.kd import KD
 from potstill.methods.lm_ce import LMCrossEntropy
 from potstill.methods.lm_kd import LMDistill
+from potstill.methods.ps_kd import PSKD
 from potstill.methods.rkd import RKD
 from potstill.methods.self_kd import SelfKD
 
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (CrossEntropy, KD, DKD, FitNet, AttentionTransfer, RKD, CRD, SelfKD, DML, LMCrossEntropy,
-                               LMDistill)
+    cls.name: cls for cls in (CrossEntropy, KD, DKD, FitNet, AttentionTransfer, RKD, CRD, SelfKD, DML, PSKD,
+                               LMCrossEntropy, LMDistill)
 }
 
 
