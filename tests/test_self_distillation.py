@@ -14,6 +14,7 @@ from torch import nn
 from helpers import potstill, write_recipe
 from potstill.batches import ClassBatch
 from potstill.config import TrainConfig
+from potstill.core.errors import UserError
 from potstill.data.classification import BatchSource, DataConfig, load_classification
 from potstill.methods import METHODS, method_config
 from potstill.models.classifiers import ClassifierModelConfig, build_classifier
@@ -241,6 +242,16 @@ def test_dml_peers_are_a_pure_function_of_the_seed_and_all_train():
     for before, peer in zip(first, (method.student, *method.peers)):
         # (the bias in front of batch norm gets no gradient: the normalisation cancels it)
         assert all(not torch.equal(before[k], peer.state_dict()[k]) for k in ("0.weight", "3.weight", "3.bias"))
+
+
+@pytest.mark.parametrize("name, params, key", [
+    ("dml", {"peers": 1}, "peers"), ("self_kd", {"ema_decay": 1.0}, "ema_decay"),
+    ("self_kd", {"ema_decay": 0.0}, "ema_decay"), ("self_kd", {"snapshot_every": 0}, "snapshot_every"),
+    ("self_kd", {"teacher": "swa"}, "teacher"), ("ps_kd", {"alpha": 1.5}, "alpha"),
+])
+def test_invalid_settings_are_named(name, params, key):
+    with pytest.raises(UserError, match=key):
+        method_config(name, params, "students.x")
 
 
 # ---------------------------------------------------------------- 4. resume
