@@ -39,19 +39,21 @@ def distill(
     seeds: Optional[int] = typer.Option(None, "--seeds", help="Seeds per student (default from the recipe, 3)."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
-    """Distill a teacher into students and write report.json + report.html."""
+    """Distill a teacher into students and write report.json + report.html (a chain: each stage's run,
+    then the chain's report)."""
     DEBUG["on"] = debug
-    from potstill.app.run import default_run_dir, run_recipe
+    from potstill.app.chain import distill as run_distill
+    from potstill.app.run import default_run_dir
     from potstill.tasks import load_recipe
 
     if resume is not None:
         if recipe or set_ or seeds is not None or out is not None:
             fail("--resume continues a run exactly as configured; drop the recipe, --set, --seeds and --out")
-        run_recipe(None, resume, resume=True, console=console, started=STARTED)
+        run_distill(None, resume, resume=True, console=console, started=STARTED)
         return
     overrides = list(set_) + ([f"seeds={seeds}"] if seeds is not None else [])
     loaded = load_recipe(recipe or "digits", overrides)
-    run_recipe(loaded, out or default_run_dir(loaded.name), console=console, started=STARTED)
+    run_distill(loaded, out or default_run_dir(loaded.name), console=console, started=STARTED)
 
 
 @app.command(name="store")
@@ -159,11 +161,18 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory with report
            debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")) -> None:
     """Re-render report.html from a run's report.json and logs."""
     DEBUG["on"] = debug
+    import json
+
+    from potstill.eval.chain_html import render_chain_html
     from potstill.eval.html import render_html
 
     if not (run_dir / "report.json").exists():
         fail(f"{run_dir} has no report.json (not a finished potstill run)")
-    console.print(f"report: {render_html(run_dir)}")
+    try:
+        is_chain = json.loads((run_dir / "report.json").read_text()).get("task") == "chain"
+    except (ValueError, AttributeError):
+        is_chain = False  # render_html names what is wrong with the file
+    console.print(f"report: {(render_chain_html if is_chain else render_html)(run_dir)}")
 
 
 def _size(n: int) -> str:

@@ -81,9 +81,7 @@ def _model_at(model: type[BaseModel], loc: tuple) -> Any:
     for part in loc[:-1]:
         if isinstance(current, type) and issubclass(current, BaseModel) and part in current.model_fields:
             current = _model_in(current.model_fields[part].annotation)
-        elif isinstance(current, type) and issubclass(current, BaseModel):
-            current = None
-        # dict keys (e.g. student names) keep the value model
+        # other parts are dict keys (student names) or list indices (chain stages): they keep the value model
     return current if isinstance(current, type) and issubclass(current, BaseModel) else None
 
 

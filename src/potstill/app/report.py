@@ -69,7 +69,11 @@ def write_report(run_dir: Path, report: dict) -> None:
 def print_summary(console: Console, report: dict) -> None:
     """The summary table at the width it needs: rich would fold it into 80 columns when the output
     is not a terminal (a log file, CI), which breaks every number over two lines."""
-    table = summary_table(report)
+    print_wide(console, summary_table(report))
+
+
+def print_wide(console: Console, table: Table) -> None:
+    """``table`` at the width it needs (see :func:`print_summary`)."""
     needed = Measurement.get(console, console.options.update(width=400), table).maximum
     width = console.width
     console.width = max(width, needed)
