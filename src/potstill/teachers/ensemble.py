@@ -56,6 +56,12 @@ WEIGHTINGS: tuple[str, ...] = ("uniform", "fixed", "confidence", "agreement")
 _COMBINABLE = frozenset({Capability.LOGITS, Capability.SCORE_NEW})
 
 
+def ensemble_capabilities(member_capabilities: Sequence[frozenset[Capability]]) -> frozenset[Capability]:
+    """What an ensemble of members with these capabilities gives (known before any member exists)."""
+    shared = frozenset.intersection(*(frozenset(c) for c in member_capabilities))
+    return shared & _COMBINABLE if Capability.LOGITS in shared else frozenset()
+
+
 def normalised_fixed_weights(weights: Sequence[float] | None, count: int) -> Tensor:
     """User weights ``a_k`` as ``a_k / sum_j a_j`` (float64), or a one-line UserError."""
     if weights is None:
@@ -127,8 +133,7 @@ class EnsembleTeacher:
         self.members = list(members)
         self.combine, self.weighting, self.temperature, self.tau = combine, weighting, temperature, tau
         self.fixed = normalised_fixed_weights(weights, len(self.members)) if weighting == "fixed" else None
-        shared = frozenset.intersection(*(frozenset(m.capabilities) for m in self.members))
-        self.capabilities = shared & _COMBINABLE if Capability.LOGITS in shared else frozenset()
+        self.capabilities = ensemble_capabilities([m.capabilities for m in self.members])
         self.description = description or (
             f"ensemble of {len(self.members)} ({combine} mean, {weighting} weights): "
             + "; ".join(m.description for m in self.members))
