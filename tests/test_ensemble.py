@@ -173,3 +173,91 @@ def test_capabilities_are_shared_logits_only(tables):
     assert EnsembleTeacher([*members, no_logits]).capabilities == frozenset()
     with pytest.raises(ValueError, match="no features"):
         EnsembleTeacher(members).targets(make_batch(LABELLED), features=["fc"])
+
+
+# ---------------------------------------------------------------- recipes
+
+
+TINY_TEACHER = ["teacher.model={kind: mlp, hidden: [16]}", "teacher.train.steps=5", "teacher.train.eval_every=5",
+                "students={baseline: {method: ce}, kd: {method: kd}}"]
+MEMBERS = "members: [{seed: 0}, {seed: 1, model: {kind: mlp, hidden: [8]}}]"
+
+
+def quiet(label, total):
+    return lambda step, losses: None
+
+
+@pytest.mark.parametrize("change, message", [
+    ("{members: [{sed: 1}]}", "unknown config key 'teacher.ensemble.members.0.sed'"),
+    ("{members: [{train: {stepz: 3}}]}", "teacher.ensemble.members.0.train.stepz"),
+    ("{members: []}", "teacher.ensemble.members"),
+    ("{members: [{}, {}], weighting: fixed, weights: [1, -2]}", ">= 0"),
+    ("{members: [{}, {}], weighting: fixed, weights: [1]}", "1 given for 2 members"),
+    ("{members: [{}, {}], weighting: fixed}", "needs weights"),
+    ("{members: [{}], weights: [1]}", "weighting=fixed only"),
+    ("{members: [{}], combine: logits, temperature: 4}", "combine=probs only"),
+    ("{members: [{}], combine: max}", "teacher.ensemble.combine"),
+])
+def test_bad_ensemble_sections_are_one_line(change, message):
+    from potstill.tasks import load_recipe
+
+    with pytest.raises(UserError, match=message) as error:
+        load_recipe("digits", [f"teacher.ensemble={change}"])
+    assert "\n" not in str(error.value)
+
+
+def test_the_task_keeps_each_member_and_serves_the_ensemble(tmp_path):
+    from potstill.data.classification import BatchSource
+    from potstill.tasks import load_recipe, make_task
+    from potstill.teachers.local import LocalTeacher
+    from potstill.teachers.precomputed import PrecomputedTeacher
+
+    task = make_task(load_recipe("digits", [*TINY_TEACHER, f"teacher.ensemble={{{MEMBERS}, weighting: agreement}}"]))
+    assert task.teacher_to_train()
+    assert task.teacher_spec().capabilities == {Capability.LOGITS, Capability.SCORE_NEW}
+    task.prepare_teacher(quiet)
+    assert not task.teacher_to_train()  # both kept now
+    single = make_task(load_recipe("digits", TINY_TEACHER))  # the same spec as member 0: shares its kept weights
+    assert not single.teacher_to_train()
+    members = task.teacher.members
+    assert all(isinstance(m, PrecomputedTeacher) for m in members)
+    live = EnsembleTeacher([LocalTeacher(m.teacher.model) for m in members], "probs", "agreement")
+    batch = BatchSource(task.data, task.recipe.data, 64, 1, seed=0).batch(3)
+    assert batch.labelled.any() and not batch.labelled.all()  # the 20%-label regime
+    torch.testing.assert_close(task.teacher.targets(batch).logits, live.targets(batch).logits, rtol=0, atol=1e-6)
+    report = task.teacher_report()
+    assert [m["description"] for m in report["members"]] == [m.description for m in members]
+    for member, entry in zip(members, report["members"]):
+        accuracy = float((member.teacher.model(task.data.test.x).argmax(-1) == task.data.test.y).float().mean())
+        assert entry["metrics"]["accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    ensemble_accuracy = float((task.teacher_test_logits.argmax(-1) == task.data.test.y).float().mean())
+    assert report["metrics"]["accuracy"]["mean"] == pytest.approx(ensemble_accuracy)
+    targets = task.protocol()["teacher_targets"]
+    assert "agreement" in targets and "member 0" in targets and "member 1" in targets
+
+
+def test_a_tiny_ensemble_run_lists_its_members(tmp_path):
+    from helpers import potstill
+
+    members = "members: [{seed: 1}, {seed: 2, model: {kind: cnn, channels: [4], hidden: [16]}}]"
+    result = potstill("distill", "--set", "train.steps=30", "--set", "teacher.train.steps=30", "--set", "seeds=1",
+                      "--set", "teacher.model={kind: mlp, hidden: [32]}", "--set", "eval.latency_repeats=2",
+                      "--set", "students={baseline: {method: ce}, kd: {method: kd}}",
+                      "--set", f"teacher.ensemble={{{members}, combine: logits, weighting: confidence}}",
+                      "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert [m["description"].split(" trained")[0] for m in report["teacher"]["members"]] == ["mlp [32]", "cnn [4][16]"]
+    assert all(0 <= m["metrics"]["accuracy"] <= 1 for m in report["teacher"]["members"])
+    assert "confidence" in report["protocol"]["teacher_targets"]
+    assert set(report["students"]) == {"baseline", "kd"}
+
+
+def test_feature_methods_are_refused_with_one_line():
+    from potstill.app.run import check_students
+    from potstill.tasks import load_recipe, make_task
+
+    recipe = load_recipe("digits", [f"teacher.ensemble={{{MEMBERS}}}"])  # the digits recipe has an rkd student
+    with pytest.raises(UserError, match="students.rkd: method 'rkd' needs features at module paths") as error:
+        check_students(recipe, make_task(recipe))
+    assert "\n" not in str(error.value) and "ensemble of 2" in str(error.value)

@@ -75,7 +75,7 @@ def member_configs(teacher) -> list:
         try:
             resolved.append(type(teacher).model_validate(data))
         except ValidationError as error:
-            raise ValueError(describe_validation_error(error, type(teacher), f"ensemble.members.{i}.")) from None
+            raise ValueError(describe_validation_error(error, type(teacher), f"teacher.ensemble.members.{i}.")) from None
     return resolved
 
 
