@@ -261,3 +261,11 @@ def test_feature_methods_are_refused_with_one_line():
     with pytest.raises(UserError, match="students.rkd: method 'rkd' needs features at module paths") as error:
         check_students(recipe, make_task(recipe))
     assert "\n" not in str(error.value) and "ensemble of 2" in str(error.value)
+
+
+def test_a_store_refuses_agreement_weights():
+    from potstill.tasks import load_recipe, make_task
+
+    task = make_task(load_recipe("digits", [f"teacher.ensemble={{{MEMBERS}, weighting: agreement}}"]))
+    with pytest.raises(UserError, match="agreement-weighted ensemble reads each batch's labels"):
+        task.store_source()
