@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from safetensors.torch import load_file
 
 from potstill.batches import ClassBatch
@@ -31,7 +31,9 @@ from potstill.store.reader import StoreReader
 from potstill.store.source import StoreSource
 from potstill.tasks.keep import WEIGHTS as KEPT_WEIGHTS, freeze, keep_once, kept_dir
 from potstill.tasks.registry import OnStep, OnStepFactory, TaskBase, register_task
+from potstill.tasks.teacher_ensemble import EnsembleClassifier, EnsembleConfig, member_configs
 from potstill.teachers.base import TeacherSpec
+from potstill.teachers.ensemble import EnsembleTeacher, ensemble_capabilities
 from potstill.teachers.local import LocalTeacher
 from potstill.teachers.precomputed import PrecomputedTeacher
 from potstill.teachers.store import StoreTeacher
@@ -56,7 +58,22 @@ class TeacherConfig(Strict):
                               "(a directory of the teacher's stored logits): no teacher model is loaded; the store "
                               "must match this recipe's data (checked before training; see docs/store.md).")
 
+    ensemble: EnsembleConfig | None = Field(None, description="Teach with an ensemble of teachers, each one "
+                                            "this section with a member's keys changed (docs/ensembles.md).")
+
     _absolute_store = field_validator("store")(absolute_path)
+
+    @model_validator(mode="after")
+    def _members_resolve(self) -> "TeacherConfig":
+        if self.ensemble is not None:
+            if self.path or self.store:
+                raise ValueError("teacher.ensemble names its teachers as members: give a file as a member "
+                                 "({path: ...}) instead of teacher.path; a store cannot be a member yet")
+            member_configs(self)  # each member must be a valid teacher section (errors name the member)
+        return self
+
+    def members(self) -> list["TeacherConfig"]:
+        return member_configs(self) if self.ensemble is not None else [self]
 
 
 class EvalConfig(Strict):
@@ -109,10 +126,16 @@ class ClassificationTask(TaskBase):
     def teacher_spec(self) -> TeacherSpec:
         if self.store is not None:
             return TeacherSpec(f"store {self.store.folder}", StoreTeacher(self.store).capabilities)
-        return TeacherSpec(f"{self.recipe.teacher.model.kind} model", LocalTeacher.capabilities)
-
-    def _keep_spec(self) -> dict:
         cfg = self.recipe.teacher
+        if cfg.ensemble is not None:
+            kinds = ", ".join(m.model.kind for m in cfg.members())
+            return TeacherSpec(f"ensemble of {len(cfg.ensemble.members)} ({kinds}; {cfg.ensemble.rule()})",
+                               ensemble_capabilities([LocalTeacher.capabilities] * len(cfg.ensemble.members)))
+        return TeacherSpec(f"{cfg.model.kind} model", LocalTeacher.capabilities)
+
+    def _keep_spec(self, cfg: TeacherConfig | None = None) -> dict:
+        """What decides a trained teacher's weights (a member equal to a single teacher shares its key)."""
+        cfg = cfg or self.recipe.teacher
         return {"model": cfg.model.model_dump(), "train": cfg.train.model_dump(), "seed": cfg.seed,
                 "data": self.data.fingerprint, "augment": [self.recipe.data.augment, self.recipe.data.max_shift]}
 
@@ -128,8 +151,9 @@ class ClassificationTask(TaskBase):
         held = store.manifest.held_out
         self.teacher_test_logits = store.heldout(0, held.num_examples).float() if held is not None else None
 
-    def _train_teacher(self, model: torch.nn.Module, work_dir: Path, on_step: OnStep) -> dict:
-        cfg = self.recipe.teacher
+    def _train_teacher(self, model: torch.nn.Module, work_dir: Path, on_step: OnStep,
+                       cfg: TeacherConfig | None = None) -> dict:
+        cfg = cfg or self.recipe.teacher
         method = CrossEntropy(model, None, CrossEntropy.Config(), num_classes=self.data.num_classes,
                               num_train=len(self.data.train))
         batches = BatchSource(self.data, self.recipe.data, cfg.train.batch_size, cfg.train.grad_accum,
@@ -141,35 +165,64 @@ class ClassificationTask(TaskBase):
         method.load_state_dict(result.best_state)
         return {"best_step": result.best_step, "val_accuracy": result.best_value}
 
+    def _load_or_train(self, cfg: TeacherConfig, label: str, where: str,
+                       on_step_factory: OnStepFactory) -> tuple[torch.nn.Module, dict, str]:
+        """One teacher model from ``cfg`` (loaded from its path, kept or trained now), its report entry
+        and where it came from."""
+        if cfg.path:
+            model = build_classifier(cfg.model, self.data.input_shape, self.data.num_classes)
+            path = Path(cfg.path)
+            if not path.exists():
+                raise UserError(f"{where} not found: {path}")
+            try:
+                model.load_state_dict(load_file(str(path)))
+            except RuntimeError as error:
+                raise UserError(f"{where} {path} does not fit its model: {str(error).splitlines()[0]}") from None
+            return model, {"description": f"{cfg.model.kind} loaded from {path}", "reused": True}, f"loaded from {path}"
+        torch.manual_seed(cfg.seed)
+        model = build_classifier(cfg.model, self.data.input_shape, self.data.num_classes).to(self.runtime.device)
+        reused, key = keep_once("classification", self._keep_spec(cfg), model, reuse=cfg.reuse, train=lambda work: (
+            self._train_teacher(model, work, on_step_factory(label, cfg.train.steps), cfg)))
+        info = {"description": f"{cfg.model.kind} {cfg.model.channels or ''}{cfg.model.hidden} "
+                               f"trained by potstill (kept as {key})", "reused": reused}
+        return model, info, f"kept teacher reused (key {key})" if reused else f"trained in this run (kept as {key})"
+
+    def _served(self, teacher: LocalTeacher):
+        if self.recipe.data.augment == "none":  # a training example's targets never change: computed once
+            return PrecomputedTeacher(teacher, self.data.train.x, device=self.runtime.device,
+                                      autocast=self.runtime.autocast)
+        return teacher
+
     def prepare_teacher(self, on_step_factory: OnStepFactory) -> None:
         cfg = self.recipe.teacher
         if self.store is not None:
             return self._prepare_from_store()
-        if cfg.path:
-            model = self._new_teacher_model()
-            path = Path(cfg.path)
-            if not path.exists():
-                raise UserError(f"teacher.path not found: {path}")
-            try:
-                model.load_state_dict(load_file(str(path)))
-            except RuntimeError as error:
-                raise UserError(f"teacher.path {path} does not fit teacher.model: {str(error).splitlines()[0]}") from None
-            self.teacher_info = {"description": f"{cfg.model.kind} loaded from {path}", "reused": True}
-            self.teacher_targets = f"loaded from {path}"
-        else:
-            torch.manual_seed(cfg.seed)
-            model = self._new_teacher_model().to(self.runtime.device)
-            reused, key = keep_once("classification", self._keep_spec(), model, reuse=cfg.reuse, train=lambda work: (
-                self._train_teacher(model, work, on_step_factory("teacher", cfg.train.steps))))
-            self.teacher_info = {"description": f"{cfg.model.kind} {cfg.model.channels or ''}{cfg.model.hidden} "
-                                                f"trained by potstill (kept as {key})", "reused": reused}
-            self.teacher_targets = f"kept teacher reused (key {key})" if reused else f"trained in this run (kept as {key})"
+        if cfg.ensemble is not None:
+            return self._prepare_ensemble(on_step_factory)
+        model, self.teacher_info, self.teacher_targets = self._load_or_train(cfg, "teacher", "teacher.path", on_step_factory)
         self.teacher_model = freeze(model.to(self.runtime.device))
-        self.teacher = LocalTeacher(self.teacher_model, self.teacher_info["description"])
-        if self.recipe.data.augment == "none":  # a training example's targets never change: computed once
-            self.teacher = PrecomputedTeacher(self.teacher, self.data.train.x, device=self.runtime.device,
-                                              autocast=self.runtime.autocast)
+        self.teacher = self._served(LocalTeacher(self.teacher_model, self.teacher_info["description"]))
         self.teacher_test_logits = predict(model, self.data.test.x)
+
+    def _prepare_ensemble(self, on_step_factory: OnStepFactory) -> None:
+        """Each member loaded or kept like a single teacher; with augment=none each member's targets
+        are computed once (the ensemble combines them per batch: agreement weights need the batch's labels)."""
+        ens, models, members, sources = self.recipe.teacher.ensemble, [], [], []
+        self.member_info = []
+        for i, member_cfg in enumerate(self.recipe.teacher.members()):
+            model, info, source = self._load_or_train(member_cfg, f"teacher {i}", f"teacher.ensemble.members.{i}.path",
+                                                       on_step_factory)
+            models.append(freeze(model.to(self.runtime.device)))
+            members.append(self._served(LocalTeacher(models[-1], info["description"])))
+            self.member_info.append(info)
+            sources.append(f"member {i}: {source}")
+        self.teacher = EnsembleTeacher(members, ens.combine, ens.weighting, ens.weights,
+                                       temperature=ens.temperature, tau=ens.tau)
+        self.teacher_model = freeze(EnsembleClassifier(models, ens))
+        self.teacher_info = {"description": f"ensemble of {len(models)} teachers ({ens.rule()})",
+                             "reused": all(info["reused"] for info in self.member_info)}
+        self.teacher_targets = f"ensemble of {len(models)} teachers, {ens.rule()}; " + "; ".join(sources)
+        self.teacher_test_logits = predict(self.teacher_model, self.data.test.x)
 
     def teacher_report(self) -> dict:
         if self.store is not None:
@@ -180,14 +233,24 @@ class ClassificationTask(TaskBase):
         metrics["params"] = count_params(model)
         for b in ev.latency_batches:
             metrics[f"latency_b{b}_ms"] = latency_ms(model, self.data.test.x, b, ev.latency_repeats)
-        return {**self.teacher_info, "params": metrics["params"],
-                "metrics": {k: {"mean": v, "std": 0.0, "values": [v]} for k, v in metrics.items()},
-                "reliability": reliability(self.teacher_test_logits, self.data.test.y, ev.ece_bins)}
+        entry = {**self.teacher_info, "params": metrics["params"],
+                 "metrics": {k: {"mean": v, "std": 0.0, "values": [v]} for k, v in metrics.items()},
+                 "reliability": reliability(self.teacher_test_logits, self.data.test.y, ev.ece_bins)}
+        if self.recipe.teacher.ensemble is not None:
+            entry["members"] = [{**info, "params": count_params(member),
+                                 "metrics": classification_metrics(predict(member, self.data.test.x), self.data.test.y,
+                                                                   self.teacher_test_logits, ev.ece_bins)}
+                                for info, member in zip(self.member_info, model.members)]
+        return entry
 
     def store_source(self) -> StoreSource:
         if self.recipe.data.augment != "none":
             raise UserError(f"data.augment='{self.recipe.data.augment}' gives the teacher a different view every step, "
                             "so stored targets would not match training; set data.augment=none")
+        ensemble = self.recipe.teacher.ensemble
+        if ensemble is not None and ensemble.weighting == "agreement":
+            raise UserError("an agreement-weighted ensemble reads each batch's labels, which a store cannot "
+                            "keep; store a uniform, fixed or confidence-weighted ensemble")
         model, data = self.teacher_model, self.data
         splits = {"train": data.train, "test": data.test}
 
@@ -230,9 +293,10 @@ class ClassificationTask(TaskBase):
 
     def teacher_to_train(self) -> bool:
         """Whether ``prepare_teacher`` would train a teacher (none kept yet for this spec)."""
-        cfg = self.recipe.teacher
-        return not (self.store is not None or cfg.path or
-                    (cfg.reuse and (kept_dir("classification", self._keep_spec()) / KEPT_WEIGHTS).exists()))
+        if self.store is not None:
+            return False
+        return any(not (cfg.path or (cfg.reuse and (kept_dir("classification", self._keep_spec(cfg)) / KEPT_WEIGHTS).exists()))
+                   for cfg in self.recipe.teacher.members())
 
     def trains_without_teacher(self, cfg: StudentConfig) -> bool:
         """Whether this student trains without the teacher (only its fidelity metrics read it, at the end)."""
@@ -300,6 +364,13 @@ class ClassificationTask(TaskBase):
             "every student has the same architecture, steps, batch size and optimizer as the baseline",
             "latency is a timing of this machine: it varies between runs; all other numbers are deterministic",
         ]
+        ensemble = r.teacher.ensemble
+        if ensemble is not None:
+            notes.insert(0, f"the teacher is an ensemble of {len(ensemble.members)} ({ensemble.rule()}; "
+                            "docs/ensembles.md); its test numbers and the students' fidelity metrics use label-free "
+                            "weights" + (": agreement weights read the labels of the labelled training rows only, "
+                                         "every other row gets confidence weights" if ensemble.weighting == "agreement"
+                                         else ""))
         if self.store is not None:
             notes.insert(0, f"teacher logits came from the offline store {self.store.folder} (fp32 raw logits, "
                             f"manifest sha256 {self.store.digest[:16]}); no teacher model was loaded; teacher "
