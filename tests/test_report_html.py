@@ -132,7 +132,7 @@ def test_render_classification_report(tmp_path):
     for key in ("selection", "test"):
         assert html.escape(report["protocol"][key]) in page
     assert html.escape("teacher trained once <seed 0>") in page and "<seed 0>" not in page
-    assert "(kept teacher reused)" in page
+    assert "(not trained in this run)" in page
 
     names = set()
     for name, s in report["students"].items():
@@ -214,7 +214,7 @@ def test_render_llm_report(tmp_path):
     text = _visible(page)
     assert "<script" not in page and html.escape("<script>alert('x')</script> & 2+2=") in page
     assert html.escape("4 <b>") in page and html.escape("4 </td>") in page
-    assert "(kept teacher reused)" not in page
+    assert "(not trained in this run)" not in page
     for name, m in metrics.items():
         assert name in page
         for metric, stat in m.items():

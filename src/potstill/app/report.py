@@ -101,7 +101,7 @@ def summary_table(report: dict) -> Table:
             return f"{int(m['mean']):,}"
         return f"{m['mean']:.4f} ± {m['std']:.4f}"
 
-    table.add_row("teacher" + (" (kept)" if report["teacher"].get("reused") else ""),
+    table.add_row("teacher" + (" (reused)" if report["teacher"].get("reused") else ""),
                   *[cell(report["teacher"]["metrics"], n) for n in names])
     for student, entry in report["students"].items():
         table.add_row(student, *[cell(entry["metrics"], n) for n in names])

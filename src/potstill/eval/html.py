@@ -258,7 +258,7 @@ def _main_table(report: dict, models: list[tuple[str, dict]], metrics: list[str]
         if is_teacher:
             desc = model.get("description")
             label += (f'<br><span class="n">{_esc(desc)}</span>' if desc else "")
-            label += ' <span class="n">(kept teacher reused)</span>' if model.get("reused") else ""
+            label += ' <span class="n">(not trained in this run)</span>' if model.get("reused") else ""
         else:
             label = f"<b>{_esc(name)}</b>" if name == "baseline" else _esc(name)
         cells, mets = [], model.get("metrics") or {}
