@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import torch
 import yaml
 
 TINY_RECIPE = {
@@ -108,3 +109,23 @@ def kill_then_resume(recipe: Path, run: Path, cwd: Path, ready: Callable[[], boo
     resumed = potstill("distill", "--resume", str(run), cwd=cwd)
     assert resumed.returncode == 0, resumed.stderr
     return json.loads((run / "report.json").read_text())
+
+
+# ---------------------------------------------------------------- loss formulas, written out (float64 in the tests)
+
+
+def log_softmax(z: torch.Tensor) -> torch.Tensor:
+    shifted = z - z.max(dim=-1, keepdim=True).values
+    return shifted - shifted.exp().sum(dim=-1, keepdim=True).log()
+
+
+def ce_formula(s: torch.Tensor, y: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:
+    """Mean over the labelled rows of -log softmax(s)[y]."""
+    picked = -log_softmax(s)[torch.arange(len(y)), y]
+    return picked[labelled].sum() / labelled.sum()
+
+
+def kd_formula(s: torch.Tensor, t: torch.Tensor, T: float) -> torch.Tensor:
+    """T^2 * KL(softmax(t/T) || softmax(s/T)), summed over classes, mean over every row of the batch."""
+    log_p, log_q = log_softmax(t / T), log_softmax(s / T)
+    return T**2 * (log_p.exp() * (log_p - log_q)).sum(-1).mean()

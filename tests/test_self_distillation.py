@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from helpers import potstill, write_recipe
+from helpers import ce_formula, kd_formula, log_softmax, potstill, write_recipe
 from potstill.batches import ClassBatch
 from potstill.config import TrainConfig
 from potstill.core.errors import UserError
@@ -26,20 +26,6 @@ C, FEATURES, NUM_TRAIN = 5, 6, 40
 # ---------------------------------------------------------------- the formulas, written out
 
 
-def log_softmax(z: torch.Tensor) -> torch.Tensor:
-    shifted = z - z.max(dim=-1, keepdim=True).values
-    return shifted - shifted.exp().sum(dim=-1, keepdim=True).log()
-
-
-def ce_formula(s: torch.Tensor, y: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:
-    picked = -log_softmax(s)[torch.arange(len(y)), y]
-    return picked[labelled].sum() / labelled.sum()
-
-
-def kd_formula(s: torch.Tensor, t: torch.Tensor, T: float) -> torch.Tensor:
-    """T^2 * KL(softmax(t/T) || softmax(s/T)), summed over classes, mean over every row."""
-    log_p, log_q = log_softmax(t / T), log_softmax(s / T)
-    return T**2 * (log_p.exp() * (log_p - log_q)).sum(-1).mean()
 
 
 # ---------------------------------------------------------------- building blocks
