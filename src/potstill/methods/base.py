@@ -21,7 +21,7 @@ What a method may add to a training step, each with a do-nothing default:
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -58,10 +58,15 @@ class Method(nn.Module):
         self.progress = 0.0  # fraction of training done, set by the trainer each step
         self.__dict__["teacher"] = teacher  # not a submodule on purpose
 
+    #: what this method needs from its teacher whatever its config; () for a method that trains
+    #: without one (the CE baselines, self-distillation); a method whose needs depend on its config
+    #: overrides :meth:`needs` instead
+    teacher_needs: ClassVar[tuple[Need, ...]] = (LOGIT_NEED,)
+
     @classmethod
     def needs(cls, config: Strict) -> list[Need]:
         """What this method needs from its teacher (empty: it trains without one)."""
-        return [LOGIT_NEED]
+        return list(cls.teacher_needs)
 
     @classmethod
     def uses_teacher(cls, config: Strict) -> bool:

@@ -11,9 +11,7 @@ from potstill.methods.base import Method, labelled_cross_entropy
 class CrossEntropy(Method):
     name = "ce"
 
-    @classmethod
-    def needs(cls, config) -> list:
-        return []
+    teacher_needs = ()  # trains without a teacher
 
     def forward(self, batch: ClassBatch) -> dict[str, Tensor]:
         return {"ce": labelled_cross_entropy(self.student(batch.x), batch)}

@@ -46,9 +46,7 @@ class DML(Method):
         kd_weight: float = Field(1.0, ge=0, description="Weight of each peer's mean T^2-scaled KL to the others.")
         ce_weight: float = Field(1.0, ge=0, description="Weight of each peer's label cross-entropy.")
 
-    @classmethod
-    def needs(cls, config) -> list:
-        return []
+    teacher_needs = ()  # trains without a teacher
 
     def __init__(self, student: nn.Module, teacher, config: Config, **sizes):
         super().__init__(student, None, config, **sizes)

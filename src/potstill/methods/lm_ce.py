@@ -23,9 +23,7 @@ class LMCrossEntropy(Method):
     class Config(Strict):
         chunk_size: int | None = Field(None, description="Rows per vocabulary chunk (null: from a fixed memory budget).")
 
-    @classmethod
-    def needs(cls, config) -> list:
-        return []
+    teacher_needs = ()  # trains without a teacher
 
     def forward(self, batch: TokenBatch) -> dict[str, Tensor]:
         view = batch.student

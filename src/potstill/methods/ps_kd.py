@@ -33,9 +33,7 @@ class PSKD(Method):
         alpha: float = Field(0.8, ge=0, le=1, description="Share of the past prediction in the target at the end "
                                                            "of training (paper: 0.8); it grows linearly from 0.")
 
-    @classmethod
-    def needs(cls, config) -> list:
-        return []
+    teacher_needs = ()  # trains without a teacher
 
     def __init__(self, student: nn.Module, teacher, config: Config, *, num_classes: int, num_train: int):
         super().__init__(student, None, config, num_classes=num_classes, num_train=num_train)

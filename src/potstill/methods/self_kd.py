@@ -67,9 +67,7 @@ class SelfKD(Method):
         kd_weight: float = Field(1.0, ge=0, description="Weight of the T^2-scaled KL to the self-teacher.")
         ce_weight: float = Field(1.0, ge=0, description="Weight of the label cross-entropy.")
 
-    @classmethod
-    def needs(cls, config) -> list:
-        return []
+    teacher_needs = ()  # trains without a teacher
 
     def __init__(self, student: nn.Module, teacher, config: Config, **sizes):
         super().__init__(student, None, config, **sizes)
