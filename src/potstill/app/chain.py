@@ -30,7 +30,7 @@ from rich.markup import escape
 from rich.table import Table
 
 import potstill
-from potstill.app.report import print_wide
+from potstill.app.report import metric_cell, print_wide
 from potstill.app.run import prepare_run_dir, run_recipe
 from potstill.config import RecipeBase
 from potstill.core.errors import UserError
@@ -76,10 +76,10 @@ def choose_teacher(folder: Path, student: str, seeds: list[int]) -> dict:
 
 
 def _same_recipe(folder: Path, expected: ClassificationRecipe) -> None:
-    found = load_recipe(str(folder / "config.yaml"))
-    if found.model_dump(mode="json") != expected.model_dump(mode="json"):
-        differing = sorted(k for k, v in expected.model_dump(mode="json").items()
-                           if found.model_dump(mode="json").get(k) != v)
+    found = load_recipe(str(folder / "config.yaml")).model_dump(mode="json")
+    wanted = expected.model_dump(mode="json")
+    if found != wanted:
+        differing = sorted(k for k, v in wanted.items() if found.get(k) != v)
         raise UserError(f"{folder}/config.yaml differs from the stage this chain builds (keys: {', '.join(differing)}); "
                         "was the run directory moved or a stage edited? start the chain afresh")
 
@@ -150,13 +150,10 @@ def print_chain(console: Console, report: dict) -> None:
     for column in ("stage", "teacher", "student", "accuracy", "agreement"):
         table.add_column(column, justify="right" if column in ("accuracy", "agreement") else "left")
 
-    def cell(metrics: dict, name: str) -> str:
-        return f"{metrics[name]['mean']:.4f} ± {metrics[name]['std']:.4f}" if name in metrics else "-"
-
     for entry in report["stages"]:
         by = entry["teacher"]["taught_by"]
         teacher = "base teacher" if by is None else f"{by['stage']}/{by['student']} seed {by['seed']}"
         for name, student in entry["students"].items():
-            table.add_row(entry["name"], teacher, name, cell(student["metrics"], "accuracy"),
-                          cell(student["metrics"], "agreement"))
+            table.add_row(entry["name"], teacher, name, metric_cell(student["metrics"], "accuracy"),
+                          metric_cell(student["metrics"], "agreement"))
     print_wide(console, table)

@@ -83,6 +83,16 @@ def print_wide(console: Console, table: Table) -> None:
         console.width = width
 
 
+def metric_cell(metrics: dict, name: str) -> str:
+    """One summary-table cell: ``mean ± std`` over seeds (parameters as a count; "-" when absent)."""
+    if name not in metrics:
+        return "-"
+    m = metrics[name]
+    if name == "params":
+        return f"{int(m['mean']):,}"
+    return f"{m['mean']:.4f} ± {m['std']:.4f}"
+
+
 def summary_table(report: dict) -> Table:
     primary = report["primary_metric"]
     present = {m for entry in report["students"].values() for m in entry["metrics"]}
@@ -93,16 +103,8 @@ def summary_table(report: dict) -> Table:
     for name in names:
         table.add_column(name, justify="right")
 
-    def cell(metrics: dict, name: str) -> str:
-        if name not in metrics:
-            return "-"
-        m = metrics[name]
-        if name == "params":
-            return f"{int(m['mean']):,}"
-        return f"{m['mean']:.4f} ± {m['std']:.4f}"
-
     table.add_row("teacher" + (" (reused)" if report["teacher"].get("reused") else ""),
-                  *[cell(report["teacher"]["metrics"], n) for n in names])
+                  *[metric_cell(report["teacher"]["metrics"], n) for n in names])
     for student, entry in report["students"].items():
-        table.add_row(student, *[cell(entry["metrics"], n) for n in names])
+        table.add_row(student, *[metric_cell(entry["metrics"], n) for n in names])
     return table

@@ -29,7 +29,7 @@ from potstill.models.params import count_params
 from potstill.store.manifest import TeacherIdentity, check_setup
 from potstill.store.reader import StoreReader
 from potstill.store.source import StoreSource
-from potstill.tasks.keep import WEIGHTS as KEPT_WEIGHTS, freeze, keep_once, kept_dir
+from potstill.tasks.keep import freeze, is_kept, keep_once
 from potstill.tasks.registry import OnStep, OnStepFactory, TaskBase, register_task
 from potstill.tasks.teacher_ensemble import EnsembleClassifier, EnsembleConfig, member_configs
 from potstill.teachers.base import TeacherSpec
@@ -295,7 +295,7 @@ class ClassificationTask(TaskBase):
         """Whether ``prepare_teacher`` would train a teacher (none kept yet for this spec)."""
         if self.store is not None:
             return False
-        return any(not (cfg.path or (cfg.reuse and (kept_dir("classification", self._keep_spec(cfg)) / KEPT_WEIGHTS).exists()))
+        return any(not (cfg.path or (cfg.reuse and is_kept("classification", self._keep_spec(cfg))))
                    for cfg in self.recipe.teacher.members())
 
     def trains_without_teacher(self, cfg: StudentConfig) -> bool:

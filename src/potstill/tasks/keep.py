@@ -31,6 +31,11 @@ def load_kept(model: torch.nn.Module, folder: Path) -> None:
         model.tie_weights()
 
 
+def is_kept(kind: str, spec: dict) -> bool:
+    """Whether a teacher with this spec is kept (finished) in the cache directory."""
+    return (kept_dir(kind, spec) / WEIGHTS).exists()
+
+
 def keep_once(kind: str, spec: dict, model: torch.nn.Module, train: Callable[[Path], dict],
               reuse: bool = True) -> tuple[bool, str]:
     """Load ``model``'s kept weights, or train it with ``train(work_dir)`` and keep them.
@@ -39,7 +44,7 @@ def keep_once(kind: str, spec: dict, model: torch.nn.Module, train: Callable[[Pa
     weights (its best step, validation value...).
     """
     folder = kept_dir(kind, spec)
-    if reuse and (folder / WEIGHTS).exists():
+    if reuse and is_kept(kind, spec):
         load_kept(model, folder)
         return True, folder.name
     partial = folder.with_name(folder.name + ".partial")
