@@ -236,6 +236,25 @@ def test_the_task_keeps_each_member_and_serves_the_ensemble(tmp_path):
     assert "agreement" in targets and "member 0" in targets and "member 1" in targets
 
 
+def test_a_label_free_ensemble_is_combined_once_and_served_exactly(tmp_path):
+    """uniform / fixed / confidence weights read no label: the combined targets are computed once for the
+    training split (not recombined at every step) and equal the live ensemble's on a dataset batch."""
+    from potstill.data.classification import BatchSource
+    from potstill.tasks import load_recipe, make_task
+    from potstill.teachers.local import LocalTeacher
+    from potstill.teachers.precomputed import PrecomputedTeacher
+
+    task = make_task(load_recipe("digits", [*TINY_TEACHER, f"teacher.ensemble={{{MEMBERS}, weighting: confidence}}"]))
+    task.prepare_teacher(quiet)
+    assert isinstance(task.teacher, PrecomputedTeacher) and isinstance(task.teacher.teacher, EnsembleTeacher)
+    assert all(isinstance(m, LocalTeacher) for m in task.teacher.teacher.members)
+    live = EnsembleTeacher([LocalTeacher(m.model) for m in task.teacher.teacher.members], "probs", "confidence")
+    batch = BatchSource(task.data, task.recipe.data, 64, 1, seed=0).batch(3)
+    served = task.teacher.targets(batch).logits
+    assert task.teacher._logits is not None  # looked up from the table, not a forward
+    torch.testing.assert_close(served, live.targets(batch).logits, rtol=0, atol=1e-6)
+
+
 def test_a_tiny_ensemble_run_lists_its_members(tmp_path):
     from helpers import potstill
 

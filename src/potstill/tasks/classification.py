@@ -187,7 +187,7 @@ class ClassificationTask(TaskBase):
                                f"trained by potstill (kept as {key})", "reused": reused}
         return model, info, f"kept teacher reused (key {key})" if reused else f"trained in this run (kept as {key})"
 
-    def _served(self, teacher: LocalTeacher):
+    def _served(self, teacher):
         if self.recipe.data.augment == "none":  # a training example's targets never change: computed once
             return PrecomputedTeacher(teacher, self.data.train.x, device=self.runtime.device,
                                       autocast=self.runtime.autocast)
@@ -205,19 +205,23 @@ class ClassificationTask(TaskBase):
         self.teacher_test_logits = predict(model, self.data.test.x)
 
     def _prepare_ensemble(self, on_step_factory: OnStepFactory) -> None:
-        """Each member loaded or kept like a single teacher; with augment=none each member's targets
-        are computed once (the ensemble combines them per batch: agreement weights need the batch's labels)."""
+        """Each member loaded or kept like a single teacher. With augment=none the ensemble's targets
+        are computed once; with agreement weights, which read each batch's labels, each member's are,
+        and the ensemble combines them per batch."""
         ens, models, members, sources = self.recipe.teacher.ensemble, [], [], []
+        per_batch_labels = ens.weighting == "agreement"
         self.member_info = []
         for i, member_cfg in enumerate(self.recipe.teacher.members()):
             model, info, source = self._load_or_train(member_cfg, f"teacher {i}", f"teacher.ensemble.members.{i}.path",
                                                        on_step_factory)
             models.append(freeze(model.to(self.runtime.device)))
-            members.append(self._served(LocalTeacher(models[-1], info["description"])))
+            member = LocalTeacher(models[-1], info["description"])
+            members.append(self._served(member) if per_batch_labels else member)
             self.member_info.append(info)
             sources.append(f"member {i}: {source}")
-        self.teacher = EnsembleTeacher(members, ens.combine, ens.weighting, ens.weights,
-                                       temperature=ens.temperature, tau=ens.tau)
+        ensemble = EnsembleTeacher(members, ens.combine, ens.weighting, ens.weights,
+                                   temperature=ens.temperature, tau=ens.tau)
+        self.teacher = ensemble if per_batch_labels else self._served(ensemble)
         self.teacher_model = freeze(EnsembleClassifier(models, ens))
         self.teacher_info = {"description": f"ensemble of {len(models)} teachers ({ens.rule()})",
                              "reused": all(info["reused"] for info in self.member_info)}
