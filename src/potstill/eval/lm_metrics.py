@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from potstill.losses.ensemble import MixtureRule, mix
 from potstill.models.hf import final_logit_softcap, generate_greedy, lm_hidden_and_head, logits_from_hidden
 
 __all__ = ["evaluate_lm", "greedy_generate"]
@@ -61,11 +62,12 @@ def _label_hidden(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor 
 @torch.no_grad()
 def evaluate_lm(
     student: torch.nn.Module,
-    teacher: torch.nn.Module | None,
+    teacher: torch.nn.Module | Sequence[torch.nn.Module] | None,
     batches: Iterable[Any],
     *,
     temperature: float = 1.0,
     chunk_tokens: int = 512,
+    mixture: MixtureRule | None = None,
 ) -> dict[str, float]:
     """Held-out ``perplexity``, ``kl_to_teacher``, ``agreement`` and ``tokens`` (see module doc).
 
@@ -74,10 +76,20 @@ def evaluate_lm(
     text: every next token counts). With ``teacher=None`` only ``perplexity`` and ``tokens`` are
     returned, unless the batches carry ``teacher_log_probs`` (see module doc). Both models are put
     in eval mode and restored afterwards; statistics are accumulated in float64.
+
+    An ensemble teacher is a list of models with ``mixture`` (a
+    :class:`potstill.losses.ensemble.MixtureRule`): its logits are the members' mixed by that rule,
+    label-free (agreement weights fall back to confidence weights: test labels choose nothing), in
+    chunks of ``chunk_tokens / K`` rows.
     """
     if temperature <= 0:
         raise ValueError("temperature must be positive")
-    models = [student] + ([teacher] if teacher is not None else [])
+    members = list(teacher) if isinstance(teacher, (list, tuple)) else [teacher] if teacher is not None else []
+    if len(members) > 1 and mixture is None:
+        raise ValueError("several teacher models need the mixture rule that combines them")
+    if members and len(members) > 1:
+        chunk_tokens = max(1, chunk_tokens // len(members))
+    models = [student] + members
     modes = [m.training for m in models]
     for m in models:
         m.eval()
@@ -104,11 +116,12 @@ def evaluate_lm(
                                      f"{count} label tokens x vocabulary {ws.shape[0]}")
                 with_teacher = True
             if teacher is not None:
-                ht, wt, bt, cap_t = _label_hidden(teacher, ids, mask, pos)
-                if wt.shape[0] != ws.shape[0]:
-                    raise ValueError(
-                        f"student vocabulary ({ws.shape[0]}) differs from the teacher's ({wt.shape[0]})"
-                    )
+                sides = [_label_hidden(member, ids, mask, pos) for member in members]
+                for _, wt, _, _ in sides:
+                    if wt.shape[0] != ws.shape[0]:
+                        raise ValueError(
+                            f"student vocabulary ({ws.shape[0]}) differs from the teacher's ({wt.shape[0]})"
+                        )
             for start in range(0, count, chunk_tokens):
                 sl = slice(start, start + chunk_tokens)
                 zs = logits_from_hidden(hs[sl], ws, bs, cap_s).float()
@@ -116,7 +129,7 @@ def evaluate_lm(
                 ce_s += float(F.cross_entropy(zs, y, reduction="sum", ignore_index=-100).double())
                 if teacher is None and stored is None:
                     continue
-                zt = stored[sl].float() if stored is not None else logits_from_hidden(ht[sl], wt, bt, cap_t).float()
+                zt = stored[sl].float() if stored is not None else _teacher_logits(sides, sl, mixture)
                 ce_t += float(F.cross_entropy(zt, y, reduction="sum").double())
                 top = batch["teacher_argmax"][sl].to(device) if stored is not None and "teacher_argmax" in batch else zt.argmax(-1)
                 agree += int((zs.argmax(-1) == top).sum())
@@ -139,6 +152,12 @@ def evaluate_lm(
             temperature=float(temperature),
         )
     return result
+
+
+def _teacher_logits(sides: list, rows: slice, mixture: MixtureRule | None) -> torch.Tensor:
+    """The teacher's fp32 logits of ``rows``: one model's, or the members' mixed label-free."""
+    logits = [logits_from_hidden(h[rows], w, b, cap).float() for h, w, b, cap in sides]
+    return logits[0] if len(logits) == 1 and mixture is None else mix(mixture, torch.stack(logits))
 
 
 def greedy_generate(

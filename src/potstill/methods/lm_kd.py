@@ -5,11 +5,13 @@ divergence of potstill.losses (forward KL as in classic sequence KD, reverse KL 
 generalized JSD as in GKD, skew KL as in DistiLLM, TVD). No [tokens x vocab] tensor is ever
 built, and the loss is normalised by the target tokens of the whole optimizer step
 (``batch.num_items``), so gradient accumulation does not change the objective. The teacher may
-give hidden states + LM head, sparse targets (top-k or sampled, e.g. from a store) or logits.
+give hidden states + LM head, sparse targets (top-k or sampled, e.g. from a store), logits, or an
+ensemble's members (mixed chunk by chunk by the engine).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 from pydantic import Field
@@ -23,7 +25,7 @@ from potstill.methods.lm_common import shifted
 from potstill.models.hf import lm_hidden_and_head
 from potstill.teachers.base import Capability, Need, TeacherOutput
 
-_DENSE = frozenset({Capability.HIDDEN_HEAD, Capability.LOGITS, Capability.SPARSE_TOPK})
+_DENSE = frozenset({Capability.HIDDEN_HEAD, Capability.LOGITS, Capability.SPARSE_TOPK, Capability.MIXTURE})
 
 
 def teacher_source(batch: TokenBatch, target: TeacherOutput) -> dict:
@@ -36,9 +38,14 @@ def teacher_source(batch: TokenBatch, target: TeacherOutput) -> dict:
                 "teacher_bias": target.head_bias}
     if target.sparse is not None:
         return {"teacher_targets": shifted(view, target.sparse)[0]}
+    if target.mixture is not None:
+        members = tuple(dataclasses.replace(m, hidden=None if m.hidden is None else shifted(view, m.hidden)[0],
+                                            logits=None if m.logits is None else shifted(view, m.logits)[0])
+                        for m in target.mixture.members)
+        return {"teacher_mixture": dataclasses.replace(target.mixture, members=members)}
     if target.logits is not None:
         return {"teacher_logits": shifted(view, target.logits)[0]}
-    raise ValueError("the LM teacher gave neither hidden states, sparse targets nor logits")
+    raise ValueError("the LM teacher gave neither hidden states, sparse targets, logits nor a mixture")
 
 
 class LMDistill(Method):

@@ -28,6 +28,7 @@ from potstill.data.text import generate_responses, train_tiny_tokenizer
 from potstill.data.tokens import TokenBatches
 from potstill.eval.lm_metrics import evaluate_lm, greedy_generate
 from potstill.eval.metrics import PeakMemory
+from potstill.losses.ensemble import mix
 from potstill.methods import method_class, method_config
 from potstill.methods.lm_ce import LMCrossEntropy
 from potstill.models.hf import final_logit_softcap, lm_hidden_and_head, load_causal_lm, load_tokenizer, logits_from_hidden
@@ -37,11 +38,13 @@ from potstill.store.manifest import TeacherIdentity, check_setup
 from potstill.store.reader import StoreReader
 from potstill.store.source import StoreSource
 from potstill.tasks.keep import freeze, keep_once, kept_dir, load_kept
-from potstill.tasks.lm_config import LMRecipe
+from potstill.tasks.lm_config import LMRecipe, LMTeacherConfig
 from potstill.tasks.lm_data import build_lm_data, documents
+from potstill.tasks.lm_ensemble import check_one_tokenizer, lm_member_configs, member_label
 from potstill.tasks.registry import OnStep, OnStepFactory, TaskBase, register_task
 from potstill.teachers.base import TeacherSpec
 from potstill.teachers.lm import LMTeacher
+from potstill.teachers.lm_ensemble import LMEnsembleTeacher, lm_ensemble_capabilities
 from potstill.teachers.store import StoreTeacher
 from potstill.train.trainer import train
 
@@ -59,12 +62,14 @@ class LMTask(TaskBase):
     def __init__(self, recipe: LMRecipe):
         self.recipe = recipe
         self.runtime = resolve_runtime(recipe.device, recipe.precision)
-        if recipe.teacher.model == "tiny" and recipe.data.chat_prompts:
+        self.member_cfgs = lm_member_configs(recipe.teacher)  # [teacher] without an ensemble
+        if self.member_cfgs[0].model == "tiny" and recipe.data.chat_prompts:
             raise UserError("teacher.model='tiny' cannot answer prompts; set data.chat_prompts=0")
         self.store = StoreReader(recipe.teacher.store) if recipe.teacher.store else None
         if self.store is not None:
             check_setup(self.store.manifest, self.store.folder, task="lm")
-        self.teacher_model = None
+        self.teacher_model = None  # the (first) teacher model: students' layers, chat answers, generations
+        self.teacher_models: list[torch.nn.Module] = []  # every member's (one without an ensemble)
         self._student_template = None  # store + teacher_layers: the students' initial weights, built once
 
     # ---------------------------------------------------------------- data and teacher
@@ -73,10 +78,14 @@ class LMTask(TaskBase):
         if self.store is not None:
             return TeacherSpec(f"store {self.store.folder} ({self.store.describe()})",
                                StoreTeacher(self.store).capabilities)
+        ensemble = self.recipe.teacher.ensemble
+        if ensemble is not None:
+            return TeacherSpec(f"ensemble of {len(self.member_cfgs)} ({ensemble.rule()})",
+                               lm_ensemble_capabilities([LMTeacher.capabilities] * len(self.member_cfgs)))
         return TeacherSpec(self.recipe.teacher.model, LMTeacher.capabilities)
 
     def _tokenizer(self):
-        cfg = self.recipe.teacher
+        cfg = self.member_cfgs[0]
         if cfg.model == "tiny":
             return train_tiny_tokenizer(documents(self.recipe.data), self.recipe.data.tokenizer_vocab)
         return load_tokenizer(cfg.model)
@@ -85,7 +94,7 @@ class LMTask(TaskBase):
         d = self.recipe.data
 
         def answer(prompts: list[str]) -> list[str]:
-            key = json_digest([self.recipe.teacher.model, d.response_tokens, prompts], 16)
+            key = json_digest([self.member_cfgs[0].model, d.response_tokens, prompts], 16)
             return generate_responses(model, self.tokenizer, prompts, max_new_tokens=d.response_tokens,
                                       cache_path=cache_dir() / "generations" / f"{key}.json")
         return answer
@@ -95,53 +104,69 @@ class LMTask(TaskBase):
         self.heldout_prompts, self.teacher_responses = data.heldout_prompts, data.teacher_responses
 
     def prepare_teacher(self, on_step_factory: OnStepFactory) -> None:
-        cfg = self.recipe.teacher
         if self.store is not None:
             return self._prepare_from_store()
-        if cfg.model == "tiny":
+        cfgs = self.member_cfgs
+        if cfgs[0].model == "tiny":
             self.tokenizer, model = self._tokenizer(), None
         else:
-            model, self.tokenizer = load_causal_lm(cfg.model, dtype=getattr(torch, cfg.dtype))
+            model, self.tokenizer = load_causal_lm(cfgs[0].model, dtype=getattr(torch, cfgs[0].dtype))
+        if len(cfgs) > 1:
+            check_one_tokenizer(cfgs, self.tokenizer)
         self._use_data(build_lm_data(self.recipe.data, self.tokenizer, self._answer(model) if model else None))
-        self.reused = False
-        self.teacher_targets = f"loaded from {cfg.model}"
-        if model is None:
-            model = self._tiny_teacher(on_step_factory)
-        self.teacher_model = freeze(model.to(self.runtime.device))
-        self.teacher = LMTeacher(self.teacher_model, f"{cfg.model}" + (" (kept, reused)" if self.reused else ""))
-        if cfg.precompute:
-            self.teacher.precompute(self.train_set.input_ids, self.train_set.attention_mask,
-                                    on_step=on_step_factory("teacher targets", len(self.train_set)))
+        teachers, reused, sources = [], [], []
+        for i, cfg in enumerate(cfgs):
+            name = "teacher" if len(cfgs) == 1 else f"teacher {i}"
+            if i > 0 or model is None:
+                model = None if cfg.model == "tiny" else load_causal_lm(cfg.model, dtype=getattr(torch, cfg.dtype))[0]
+            if model is None:
+                model, kept, source = self._tiny_teacher(on_step_factory, cfg, name)
+            else:
+                kept, source = False, f"loaded from {cfg.model}"
+            self.teacher_models.append(freeze(model.to(self.runtime.device)))
+            teachers.append(LMTeacher(self.teacher_models[-1], member_label(cfg) + (" (kept, reused)" if kept else "")))
+            reused.append(kept)
+            sources.append(source if len(cfgs) == 1 else f"member {i}: {source}")
+            if cfg.precompute:
+                teachers[-1].precompute(self.train_set.input_ids, self.train_set.attention_mask,
+                                        on_step=on_step_factory(f"{name} targets", len(self.train_set)))
+        self.teacher_model, self.reused = self.teacher_models[0], all(reused)
+        ensemble = self.recipe.teacher.ensemble
+        if ensemble is None:
+            self.teacher, self.teacher_targets = teachers[0], sources[0]
+            return
+        self.mixture = ensemble.mixture_rule()
+        self.teacher = LMEnsembleTeacher(teachers, self.mixture)
+        self.teacher_targets = f"ensemble of {len(cfgs)} teachers, {ensemble.rule()}; " + "; ".join(sources)
 
-    def _tiny_spec(self) -> dict:
-        cfg = self.recipe.teacher
+    def _tiny_spec(self, cfg: LMTeacherConfig) -> dict:
         return {"hidden": cfg.tiny_hidden, "layers": cfg.tiny_layers, "train": cfg.train.model_dump(),
-                "data": self.train_set.fingerprint(), "vocab": len(self.tokenizer)}
+                "data": self.train_set.fingerprint(), "vocab": len(self.tokenizer), "seed": cfg.seed}
 
-    def _tiny_model(self) -> torch.nn.Module:
-        cfg = self.recipe.teacher
+    def _tiny_model(self, cfg: LMTeacherConfig) -> torch.nn.Module:
         return tiny_llama(len(self.tokenizer), hidden_size=cfg.tiny_hidden, num_layers=cfg.tiny_layers,
-                          intermediate_size=2 * cfg.tiny_hidden, num_heads=4, num_kv_heads=2, seed=0,
+                          intermediate_size=2 * cfg.tiny_hidden, num_heads=4, num_kv_heads=2, seed=cfg.seed,
                           max_position_embeddings=max(512, self.recipe.data.seq_len))
 
-    def _tiny_teacher(self, on_step_factory: OnStepFactory) -> torch.nn.Module:
-        cfg = self.recipe.teacher
-        model = self._tiny_model()
+    def _tiny_teacher(self, on_step_factory: OnStepFactory, cfg: LMTeacherConfig,
+                      name: str) -> tuple[torch.nn.Module, bool, str]:
+        """A tiny teacher trained once and kept: (model, reused, where its targets come from)."""
+        model = self._tiny_model(cfg)
 
         def train_it(work_dir: Path) -> dict:
             model.train()
             method = LMCrossEntropy(model, None, LMCrossEntropy.Config(), num_classes=len(self.tokenizer),
                                     num_train=len(self.train_set))
-            result = train(method, batches=TokenBatches(self.train_set, cfg.train.batch_size, cfg.train.grad_accum, seed=0),
+            result = train(method, batches=TokenBatches(self.train_set, cfg.train.batch_size, cfg.train.grad_accum,
+                                                        seed=cfg.seed),
                            evaluate=lambda: self._val_metrics(model), cfg=cfg.train, out_dir=work_dir,
                            selection=self.curve_metric, higher_is_better=self.higher_is_better[self.primary_metric],
-                           on_step=on_step_factory("teacher", cfg.train.steps), runtime=self.runtime)
+                           on_step=on_step_factory(name, cfg.train.steps), runtime=self.runtime)
             method.load_state_dict(result.best_state)
             return {"best_step": result.best_step}
 
-        self.reused, key = keep_once("lm", self._tiny_spec(), model, train_it, reuse=cfg.reuse)
-        self.teacher_targets = f"kept teacher reused (key {key})" if self.reused else f"trained in this run (kept as {key})"
-        return model.eval()
+        reused, key = keep_once("lm", self._tiny_spec(cfg), model, train_it, reuse=cfg.reuse)
+        return model.eval(), reused, f"kept teacher reused (key {key})" if reused else f"trained in this run (kept as {key})"
 
     def _prepare_from_store(self) -> None:
         """Data rebuilt and checked against the store's manifest; no teacher model kept (see module doc)."""
@@ -175,13 +200,13 @@ class LMTask(TaskBase):
 
     def _store_student_source(self) -> torch.nn.Module:
         """The teacher's architecture (and, for teacher_layers init, its weights), read once."""
-        cfg, init = self.recipe.teacher, self.recipe.student.init
+        cfg, init = self.member_cfgs[0], self.recipe.student.init
         if cfg.model != "tiny":
             model, _ = load_causal_lm(cfg.model, dtype=getattr(torch, cfg.dtype))
             return model
-        model = self._tiny_model()
+        model = self._tiny_model(cfg)
         if init == "teacher_layers":
-            kept = kept_dir("lm", self._tiny_spec())
+            kept = kept_dir("lm", self._tiny_spec(cfg))
             if not (kept / "teacher.safetensors").exists():
                 raise UserError("student.init='teacher_layers' copies the teacher's weights, but the kept tiny teacher "
                                 f"is gone ({kept}); set student.init=random or rebuild it with `potstill store`")
@@ -237,11 +262,24 @@ class LMTask(TaskBase):
             return {**entry, "description": self.teacher.description, "reused": False,
                     "store": self.store.report_entry()}
         metrics = evaluate_lm(self.teacher_model, None, self._test_batches())
-        values = {"perplexity": metrics["perplexity"], "params": count_params(self.teacher_model)}
+        values = {"perplexity": metrics["perplexity"], "params": sum(map(count_params, self.teacher_models))}
         self.teacher_generations = greedy_generate(self.teacher_model, self.tokenizer, self.heldout_prompts[:ev.generations],
                                                    ev.generation_tokens) if ev.generations else []
-        return {"description": self.teacher.description, "reused": self.reused, "params": values["params"],
-                "metrics": {k: {"mean": v, "std": 0.0, "values": [v]} for k, v in values.items()}}
+        entry = {"description": self.teacher.description, "reused": self.reused, "params": values["params"]}
+        if len(self.teacher_models) > 1:  # the ensemble's numbers; each member's beside them
+            mixed = evaluate_lm(self.teacher_model, self.teacher_models, self._test_batches(), mixture=self.mixture)
+            entry["members"] = [{"description": t.description, "params": count_params(m),
+                                 "metrics": evaluate_lm(m, self.teacher_models, self._test_batches(), mixture=self.mixture)}
+                                for t, m in zip(self.teacher.members, self.teacher_models)]
+            values["perplexity"] = mixed["teacher_perplexity"]
+            entry["generations_by"] = "member 0 (an ensemble does not generate)"
+        return {**entry, "metrics": {k: {"mean": v, "std": 0.0, "values": [v]} for k, v in values.items()}}
+
+    def _eval_teacher(self) -> dict:
+        """evaluate_lm's teacher arguments: the model, or the ensemble's members and rule."""
+        if len(self.teacher_models) > 1:
+            return {"teacher": self.teacher_models, "mixture": self.mixture}
+        return {"teacher": self.teacher_model}
 
     @classmethod
     def store_recipe(cls, recipe: LMRecipe) -> LMRecipe:
@@ -250,15 +288,22 @@ class LMTask(TaskBase):
         return recipe
 
     def store_source(self) -> StoreSource:
-        model, cap = self.teacher_model, final_logit_softcap(self.teacher_model)
+        ensemble = self.recipe.teacher.ensemble
+        if ensemble is not None and ensemble.weighting == "agreement":
+            raise UserError("an agreement-weighted ensemble reads each token's label, which a store cannot keep; "
+                            "store a uniform, fixed or confidence-weighted ensemble")
+        model, members = self.teacher_model, self.teacher_models
         sets = {"train": self.train_set, "test": self.test_set}
         vocab = int(model.get_output_embeddings().weight.shape[0])
 
         @torch.no_grad()
         def logits(split: str, start: int, stop: int) -> torch.Tensor:
             view = sets[split].view(slice(start, stop))
-            hidden, weight, bias = lm_hidden_and_head(model, view.input_ids, view.attention_mask, allow_softcap=True)
-            return logits_from_hidden(hidden, weight, bias, cap).float()
+            out = []
+            for member in members:
+                hidden, weight, bias = lm_hidden_and_head(member, view.input_ids, view.attention_mask, allow_softcap=True)
+                out.append(logits_from_hidden(hidden, weight, bias, final_logit_softcap(member)).float())
+            return out[0] if len(out) == 1 else mix(self.mixture, torch.stack(out))
 
         def report() -> dict:
             return {**self.teacher_report(), "generations": list(self.teacher_generations)}
@@ -267,13 +312,22 @@ class LMTask(TaskBase):
         return StoreSource(
             task="lm", recipe=self.recipe.name, vocab_size=vocab, seq_len=seq_len,
             num_examples=len(self.train_set), heldout_examples=len(self.test_set),
-            batch_size=max(1, min(16, (1 << 27) // (4 * seq_len * vocab))),  # about 128 MiB of fp32 logits a forward
+            # about 128 MiB of fp32 logits a forward (each member's, with an ensemble)
+            batch_size=max(1, min(16, (1 << 27) // (4 * seq_len * vocab * len(members)))),
             logits=logits, heldout_mask=lambda start, stop: self.test_set.view(slice(start, stop)).target_mask(),
             dataset_fingerprint=self.train_set.fingerprint(), heldout_fingerprint=self.test_set.fingerprint(),
             tokenizer_sha256=tokenizer_sha256(self.tokenizer),
-            teacher=TeacherIdentity(description=self.recipe.teacher.model, weights_sha256=weights_sha256(model),
-                                    params=count_params(model)),
+            teacher=self._teacher_identity(),
             teacher_report=report, teacher_responses=list(self.teacher_responses))
+
+    def _teacher_identity(self) -> TeacherIdentity:
+        if len(self.teacher_models) == 1:
+            model = self.teacher_model
+            return TeacherIdentity(description=self.recipe.teacher.model, weights_sha256=weights_sha256(model),
+                                   params=count_params(model))
+        digest = json_digest([self.recipe.teacher.ensemble.model_dump(), *map(weights_sha256, self.teacher_models)], 64)
+        return TeacherIdentity(description=self.teacher.description, weights_sha256=digest,
+                               params=sum(map(count_params, self.teacher_models)))
 
     # ---------------------------------------------------------------- students
 
@@ -315,7 +369,7 @@ class LMTask(TaskBase):
                                         "selected_value": {"val/perplexity": result.best_value},
                                         "teacher": self.teacher.description})
 
-        held_out = evaluate_lm(student, self.teacher_model, self._test_batches())
+        held_out = evaluate_lm(student, batches=self._test_batches(), **self._eval_teacher())
         tokens = result.trained_items
         metrics = {"perplexity": held_out["perplexity"],
                    **{k: held_out[k] for k in ("kl_to_teacher", "agreement") if k in held_out},
@@ -345,7 +399,8 @@ class LMTask(TaskBase):
             "test": f"held-out split of {len(self.test_set)} sequences (pydoc text + teacher-answered prompts), "
                     "used only for the final numbers; perplexity and KL are per target token",
             "notes": [
-                f"teacher: {r.teacher.model}; student: {r.student.num_layers} layers, init={r.student.init}",
+                f"teacher: {self.teacher.description}; student: {r.student.num_layers} layers, init={r.student.init}"
+                + (" (from member 0's layers)" if len(self.teacher_models) > 1 and r.student.init == "teacher_layers" else ""),
                 self._store_note() if self.store is not None else
                 "teacher final hidden states were computed once over the training set (text has no augmentation, "
                 "so they equal a per-step teacher forward)" if r.teacher.precompute else "teacher ran every step",

@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
 from potstill.config import RecipeBase, Strict, StudentConfig, TrainConfig, absolute_path
+from potstill.tasks.teacher_ensemble import EnsembleRuleConfig
+
+
+class LMEnsembleMemberConfig(Strict):
+    """One LM member: the keys given here replace the recipe's ``teacher`` section's, the rest is inherited."""
+
+    model: str | None = Field(None, description="This member's model (null: teacher.model): a built-in name, a local "
+                              "Hugging Face folder or 'tiny'; every member must share the students' tokenizer.")
+    tiny_hidden: int | None = Field(None, gt=0, description="For model='tiny': hidden size (null: teacher.tiny_hidden).")
+    tiny_layers: int | None = Field(None, gt=0, description="For model='tiny': layers (null: teacher.tiny_layers).")
+    seed: int | None = Field(None, description="For model='tiny': seed of its initial weights and batch order "
+                             "(null: teacher.seed).")
+    train: dict[str, Any] | None = Field(None, description="For model='tiny': keys of teacher.train to change for "
+                                         "this member (e.g. {steps: 500}).")
+
+
+class LMEnsembleConfig(EnsembleRuleConfig):
+    members: list[LMEnsembleMemberConfig] = Field(..., min_length=1, description="The teachers of the ensemble; tiny "
+                                                  "ones are trained once and kept. The first member answers the chat "
+                                                  "prompts, gives the report's teacher generations and, for "
+                                                  "student.init='teacher_layers', the students' initial layers.")
 
 
 class LMTeacherConfig(Strict):
@@ -21,12 +42,18 @@ class LMTeacherConfig(Strict):
         default_factory=lambda: TrainConfig(steps=300, batch_size=16, lr=3e-3, eval_every=100, checkpoint_every=100),
         description="For model='tiny': the teacher's training schedule.",
     )
+    seed: int = Field(0, description="For model='tiny': seed of the teacher's initial weights and batch order.")
     reuse: bool = Field(True, description="Reuse a kept tiny teacher trained with the same config and data.")
     store: str | None = Field(None, description="Train from an offline teacher store written by `potstill store` "
                               "(a directory): targets are read from it in step with the data order, no teacher model "
                               "stays in memory (teacher weights are read once if student.init='teacher_layers'); "
                               "tokenizer, vocab size, temperature and data must match (checked before training; "
                               "see docs/store.md).")
+
+    ensemble: LMEnsembleConfig | None = Field(None, description="Teach with an ensemble of LM teachers with one "
+                                              "tokenizer, each one this section with a member's keys changed, mixed "
+                                              "by the chunked engine (docs/ensembles.md). With teacher.store the store "
+                                              "is the teacher, and member 0 gives the students' architecture.")
 
     _absolute_store = field_validator("store")(absolute_path)
 

@@ -13,7 +13,8 @@ from potstill.batches import ClassBatch
 from potstill.config import Strict, absolute_path, describe_validation_error
 from potstill.core.errors import UserError
 from potstill.models.classifiers import ClassifierModelConfig
-from potstill.teachers.ensemble import EnsembleTeacher, normalised_fixed_weights
+from potstill.losses.ensemble import MixtureRule
+from potstill.teachers.ensemble import EnsembleTeacher
 from potstill.teachers.local import LocalTeacher
 
 
@@ -30,9 +31,9 @@ class EnsembleMemberConfig(Strict):
     _absolute_path = field_validator("path")(absolute_path)
 
 
-class EnsembleConfig(Strict):
-    members: list[EnsembleMemberConfig] = Field(..., min_length=1, description="The teachers of the ensemble, each "
-                                                "trained once and kept (or loaded from its path).")
+class EnsembleRuleConfig(Strict):
+    """How the members are combined (the members themselves are listed by each task's subclass)."""
+
     combine: Literal["probs", "logits"] = Field("probs", description="Mean of the members' probabilities "
                                                 "(returned as log-probabilities) or of their logits; see docs/ensembles.md.")
     weighting: Literal["uniform", "fixed", "confidence", "agreement"] = Field(
@@ -45,22 +46,26 @@ class EnsembleConfig(Strict):
                        "of the softmax over members of minus their entropies.")
 
     @model_validator(mode="after")
-    def _rules_fit(self) -> "EnsembleConfig":
-        if self.weights is not None and self.weighting != "fixed":
-            raise ValueError(f"ensemble weights are used by weighting=fixed only, not '{self.weighting}'")
-        if self.combine == "logits" and self.temperature != 1.0:
-            raise ValueError("ensemble temperature applies to combine=probs only")
-        if self.weighting == "fixed":
-            try:
-                normalised_fixed_weights(self.weights, len(self.members))
-            except UserError as error:
-                raise ValueError(str(error)) from None
+    def _rules_fit(self):
+        try:
+            self.mixture_rule()
+        except UserError as error:
+            raise ValueError(str(error)) from None
         return self
+
+    def mixture_rule(self) -> MixtureRule:
+        return MixtureRule.make(len(self.members), self.combine, self.weighting, self.weights, self.temperature,
+                                self.tau)
 
     def rule(self) -> str:
         at = f" at T={self.temperature:g}" if self.combine == "probs" and self.temperature != 1.0 else ""
         weights = f" {self.weights}" if self.weighting == "fixed" else ""
         return f"mean of {self.combine}{at}, {self.weighting} weights{weights}"
+
+
+class EnsembleConfig(EnsembleRuleConfig):
+    members: list[EnsembleMemberConfig] = Field(..., min_length=1, description="The teachers of the ensemble, each "
+                                                "trained once and kept (or loaded from its path).")
 
 
 def member_configs(teacher) -> list:

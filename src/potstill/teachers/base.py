@@ -22,12 +22,14 @@ from typing import Protocol, runtime_checkable
 
 from torch import Tensor
 
+from potstill.losses.chunked.mixture import TeacherMixture
 from potstill.targets import SparseTargets
 
 
 class Capability(str, Enum):
     LOGITS = "logits"  # dense logits [B, C] or [B, T, V]
     HIDDEN_HEAD = "hidden+head"  # LM: final hidden states and the LM head (chunked losses project them)
+    MIXTURE = "an ensemble of LM teachers"  # LM: members' hidden+head or logits and their combination rule
     SPARSE_TOPK = "sparse top-k targets"
     SPARSE_SAMPLED = "sparse sampled targets"
     FEATURES = "features at module paths"
@@ -56,6 +58,7 @@ class TeacherOutput:
     head: Tensor | None = None
     head_bias: Tensor | None = None
     sparse: SparseTargets | None = None
+    mixture: TeacherMixture | None = None  # [B, T, ...] member rows (potstill.teachers.lm_ensemble)
 
 
 @runtime_checkable

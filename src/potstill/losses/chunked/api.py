@@ -116,6 +116,7 @@ from torch import Tensor
 
 from potstill.losses.chunked.chunking import LAYOUTS, VOCAB_MAJOR, _compute_dtype, _default_rows
 from potstill.losses.chunked.engine import _Config, _LinearDivergenceFn
+from potstill.losses.chunked.mixture import MixtureMember, TeacherMixture
 from potstill.losses.divergences import PER_POSITION
 from potstill.targets import SparseTargets
 
@@ -136,6 +137,7 @@ def linear_divergence(
     teacher_bias: Tensor | None = None,
     teacher_logits: Tensor | None = None,
     teacher_targets: SparseTargets | None = None,
+    teacher_mixture: TeacherMixture | None = None,
     ce_weight: float = 0.0,
     labels: Tensor | None = None,
     ignore_index: int = -100,
@@ -165,6 +167,10 @@ def linear_divergence(
             instead of teacher hidden + head or logits, taken at this ``temperature``.
             ``kind="sampled"`` (unbiased; ``divergence="forward_kl"`` only) or ``kind="topk"``
             (biased for ``k < V``; any divergence): see the module docstring ("Sparse teacher targets").
+        teacher_mixture: an ensemble of teachers with this vocabulary
+            (:class:`potstill.losses.chunked.mixture.TeacherMixture`), combined chunk by chunk by its
+            rule; the result equals ``teacher_logits = potstill.losses.ensemble.mix(rule, member
+            logits, labels, labels != ignore_index)`` (agreement weights need ``labels``).
         ce_weight: weight of the fused hard-label cross-entropy (computed at temperature 1).
         labels: ``[...]`` long targets for the CE term (and for the default mask).
         ignore_index: label value excluded from CE (and from the default mask).
@@ -203,8 +209,16 @@ def linear_divergence(
     if student_bias is not None and student_bias.shape != (vocab,):
         raise ValueError(f"student_bias must be [{vocab}], got {tuple(student_bias.shape)}")
 
-    teacher = _checked_teacher(teacher_hidden, teacher_head, teacher_bias, teacher_logits, teacher_targets,
-                               lead, vocab, temperature, divergence, h)
+    if teacher_mixture is not None:
+        if any(t is not None for t in (teacher_hidden, teacher_head, teacher_bias, teacher_logits, teacher_targets)):
+            raise ValueError("pass one teacher source: teacher_mixture, or a single teacher, not both")
+        teacher = {"teacher_hidden": None, "teacher_head": None, "teacher_bias": None, "teacher_logits": None,
+                   "teacher_targets": None, "teacher_mixture": _checked_mixture(teacher_mixture, lead, vocab)}
+        if teacher_mixture.rule.reads_labels and labels is None:
+            raise ValueError("agreement weights read each row's label: pass labels")
+    else:
+        teacher = _checked_teacher(teacher_hidden, teacher_head, teacher_bias, teacher_logits, teacher_targets,
+                                   lead, vocab, temperature, divergence, h)
     # validate divergence kwargs once (ranges, unknown names) on a tiny input; on CPU whatever the
     # inputs' device: float64 is not available on every device, and nothing needs to wait for one
     _probe = torch.log_softmax(torch.zeros(1, 2, dtype=torch.float64, device="cpu"), dim=-1)
@@ -227,10 +241,14 @@ def linear_divergence(
         grad_on and student_head.requires_grad,
         grad_on and student_bias is not None and student_bias.requires_grad,
     )
+    mixture_labelled = None
+    if teacher.get("teacher_mixture") is not None and flat_labels is not None:
+        mixture_labelled = flat_labels != ignore_index
     cfg = _Config(
         divergence=divergence, kwargs=dict(divergence_kwargs), temperature=temperature,
         chunk_size=int(chunk_size), **teacher, kd_mask=kd_mask, kd_denom=kd_denom, ce_weight=ce_weight,
         labels=flat_labels, ce_valid=ce_valid, ce_denom=ce_denom, needs=needs, layout=layout,
+        mixture_labelled=mixture_labelled,
     )
     loss = _LinearDivergenceFn.apply(h, student_head, student_bias, cfg)
     if return_parts:
@@ -282,6 +300,29 @@ def _checked_teacher(teacher_hidden: Tensor | None, teacher_head: Tensor | None,
         teacher_bias = teacher_bias.detach()
     return dict(teacher_hidden=t_hidden, teacher_head=t_head, teacher_bias=teacher_bias, teacher_logits=t_logits,
                 teacher_targets=targets)
+
+
+def _checked_mixture(mixture: TeacherMixture, lead: torch.Size, vocab: int) -> TeacherMixture:
+    """Each member checked against the call and flattened to [N, ...] rows (detached)."""
+    if not isinstance(mixture, TeacherMixture):
+        raise TypeError(f"teacher_mixture must be a TeacherMixture, got {type(mixture).__name__}")
+    n_rows = int(math.prod(lead))
+    members = []
+    for k, m in enumerate(mixture.members):
+        if m.logits is not None:
+            if m.logits.shape != (*lead, vocab):
+                raise ValueError(f"mixture member {k}: logits {tuple(m.logits.shape)} must be {(*lead, vocab)}")
+            members.append(MixtureMember(logits=m.logits.detach().reshape(n_rows, vocab)))
+            continue
+        if m.head.dim() != 2 or m.head.shape[0] != vocab:
+            raise ValueError(f"mixture member {k}: head {tuple(m.head.shape)} must be [{vocab}, H] (same vocabulary)")
+        if m.hidden.shape[:-1] != lead or m.hidden.shape[-1] != m.head.shape[1]:
+            raise ValueError(f"mixture member {k}: hidden {tuple(m.hidden.shape)} must be {(*lead, m.head.shape[1])}")
+        if m.bias is not None and m.bias.shape != (vocab,):
+            raise ValueError(f"mixture member {k}: bias must be [{vocab}], got {tuple(m.bias.shape)}")
+        members.append(MixtureMember(m.hidden.detach().reshape(n_rows, -1), m.head.detach(),
+                                     None if m.bias is None else m.bias.detach()))
+    return TeacherMixture(mixture.rule, tuple(members))
 
 
 def _checked_targets(targets: SparseTargets, lead: torch.Size, vocab: int, temperature: float, divergence: str,

@@ -18,6 +18,7 @@ from torch import Tensor
 from potstill.losses.chunked.chunking import VOCAB_MAJOR, Workspace, _compute_dtype
 from potstill.losses.chunked.kernels import (_CLOSED_FORM, _ClosedForm, _coarse_log_probs, _log_softmax_,
                                              _sampled_kernel, _topk_forward_kl_kernel)
+from potstill.losses.chunked.mixture import TeacherMixture, mix_chunk_
 from potstill.losses.divergences import PER_POSITION
 from potstill.targets import SparseTargets
 
@@ -41,6 +42,8 @@ class _Config:
     ce_denom: float
     needs: tuple[bool, bool, bool]  # grads for hidden, head, bias
     layout: str = VOCAB_MAJOR
+    teacher_mixture: TeacherMixture | None = None  # members flattened to [N, ...] rows
+    mixture_labelled: Tensor | None = None  # [N] bool: rows whose label agreement weights may read
     parts: dict = field(default_factory=dict)
 
 
@@ -115,7 +118,7 @@ def _closed_form_for(cfg: _Config) -> _ClosedForm | None:
 
 class _Operands:
     """The compute-dtype operands of the chunk logits, on the student's device: the student's
-    hidden/head/bias and the dense teacher's (hidden + head, or logits), if any."""
+    hidden/head/bias and the dense teacher's (hidden + head, logits, or a mixture's members), if any."""
 
     def __init__(self, h: Tensor, w: Tensor, b: Tensor | None, cfg: _Config, cd: torch.dtype):
         dev = h.device
@@ -125,22 +128,36 @@ class _Operands:
         self.t_logits = cfg.teacher_logits
         self.dense_teacher = cfg.teacher_targets is None
         self.t_hidden = None
-        if self.dense_teacher and self.t_logits is None:
+        self.mixture = cfg.teacher_mixture
+        if self.mixture is not None:
+            self.members = [(None if m.hidden is None else m.hidden.to(dev, cd), None if m.head is None else m.head.to(dev, cd),
+                             None if m.bias is None else m.bias.to(dev, cd), m.logits)
+                            for m in self.mixture.members]
+            self.labels, self.labelled = cfg.labels, cfg.mixture_labelled
+        elif self.dense_teacher and self.t_logits is None:
             self.t_hidden = cfg.teacher_hidden.to(dev, cd)
             self.t_head = cfg.teacher_head.to(dev, cd)
             self.t_bias = cfg.teacher_bias.to(dev, cd) if cfg.teacher_bias is not None else None
 
     def logits_into(self, ws: Workspace, zs: Tensor, zt: Tensor | None, start: int, stop: int,
-                    rows: Tensor | None) -> Tensor:
+                    rows: Tensor | None, member_bufs: list[Tensor] = ()) -> Tensor:
         """Fill the chunk's logits (rows ``start:stop``, or ``rows``); returns its student hidden rows."""
-        hs = self.h[start:stop] if rows is None else self.h.index_select(0, rows)
+        pick = (lambda x: x[start:stop]) if rows is None else (lambda x: x.index_select(0, rows.to(x.device)))
+        hs = pick(self.h)
         ws.gemm_into(zs, hs, self.w, self.b)
-        if self.t_logits is not None:
-            tl = self.t_logits
-            zt.copy_(tl[start:stop] if rows is None else tl.index_select(0, rows.to(tl.device)))
+        if self.mixture is not None:
+            for buffer, (hidden, head, bias, logits) in zip(member_bufs, self.members):
+                if logits is not None:
+                    buffer.copy_(pick(logits))
+                else:
+                    ws.gemm_into(buffer, pick(hidden), head, bias)
+            labels = None if self.labels is None else pick(self.labels)
+            labelled = None if self.labelled is None else pick(self.labelled)
+            mix_chunk_(zt, list(member_bufs), self.mixture.rule, labels, labelled)
+        elif self.t_logits is not None:
+            zt.copy_(pick(self.t_logits))
         elif self.t_hidden is not None:
-            ths = self.t_hidden[start:stop] if rows is None else self.t_hidden.index_select(0, rows)
-            ws.gemm_into(zt, ths, self.t_head, self.t_bias)
+            ws.gemm_into(zt, pick(self.t_hidden), self.t_head, self.t_bias)
         return hs
 
 
@@ -173,7 +190,8 @@ def _run(h: Tensor, w: Tensor, b: Tensor | None, cfg: _Config):
     can_fall_back = sparse is None or sparse.kind == "topk"  # the sampled kernel has no generic counterpart
     chunk = max(1, min(cfg.chunk_size, max(n_active, 1)))
     n_bufs = _buffer_count(ops.dense_teacher, closed, use_ce and T != 1.0)
-    ws = Workspace(n_bufs, chunk if n_active else 0, vocab, cd, dev, cfg.layout)
+    n_members = len(cfg.teacher_mixture.members) if cfg.teacher_mixture is not None else 0
+    ws = Workspace(n_bufs + n_members, chunk if n_active else 0, vocab, cd, dev, cfg.layout)
 
     inv_kd = 1.0 / cfg.kd_denom
     inv_ce = cfg.ce_weight / cfg.ce_denom
@@ -184,8 +202,8 @@ def _run(h: Tensor, w: Tensor, b: Tensor | None, cfg: _Config):
         n = stop - start
         rows = None if all_active else idx[start:stop]
         views = ws.views(n)
-        zs, zt, spares = views[0], (views[1] if t_bufs else None), views[1 + t_bufs:]
-        hs = ops.logits_into(ws, zs, zt, start, stop, rows)
+        zs, zt, spares, members = views[0], (views[1] if t_bufs else None), views[1 + t_bufs:n_bufs], views[n_bufs:]
+        hs = ops.logits_into(ws, zs, zt, start, stop, rows, members)
 
         sel = (lambda x: x[start:stop]) if all_active else (lambda x: x.index_select(0, rows))
         target = None if sparse is None else sparse[start:stop] if all_active else sparse[rows]
@@ -206,7 +224,7 @@ def _run(h: Tensor, w: Tensor, b: Tensor | None, cfg: _Config):
                     ok = ok and bool(torch.isfinite(torch.where(ce_rows, ce_vals, 0)).all())
                 if not ok:
                     result = None
-                    ops.logits_into(ws, zs, zt, start, stop, rows)  # buffers were overwritten: recompute
+                    ops.logits_into(ws, zs, zt, start, stop, rows, members)  # buffers were overwritten: recompute
         if result is None:
             kd_vals, ce_vals, g = _generic_chunk(zs, zt, fn, cfg.kwargs, T, want_grad, kd_rows, kd_coef,
                                                  lab, ce_rows, ce_coef, target)
