@@ -236,3 +236,16 @@ def test_an_agreement_ensemble_cannot_be_stored(tmp_path):
     recipe = ensemble_recipe(tmp_path, weighting="agreement")
     result = potstill("store", str(recipe), "--out", str(tmp_path / "store"), cwd=tmp_path)
     assert result.returncode == 2 and "agreement" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_label_free_ensemble_is_stored_and_trains_from_its_store(tmp_path):
+    recipe = ensemble_recipe(tmp_path, weighting="confidence")
+    stored = potstill("store", str(recipe), "--out", str(tmp_path / "store"), "--format", "dense", cwd=tmp_path)
+    assert stored.returncode == 0, stored.stderr
+    manifest = json.loads((tmp_path / "store" / "manifest.json").read_text())
+    assert "ensemble of 2" in manifest["teacher"]["description"]
+    run = potstill("distill", str(recipe), "--set", f"teacher.store={tmp_path / 'store'}", "--out",
+                   str(tmp_path / "run"), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert len(report["teacher"]["members"]) == 2 and "store" in report["teacher"]

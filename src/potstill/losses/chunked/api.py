@@ -84,6 +84,14 @@ at the ``k`` ids. With ``u = z / T``, ``q = softmax(u)``, weights ``w_j`` at ids
   ``W q_v - tail * q_v / Q_tail`` elsewhere, ``W = sum_j w_j + tail``); the other divergences run
   the generic autograd path on the chunk. Top-k ids are assumed distinct (as ``topk`` returns them).
 
+Ensembles of teachers
+---------------------
+``teacher_mixture=`` (:class:`potstill.losses.chunked.mixture.TeacherMixture`): ``K`` teachers with
+this vocabulary (hidden + head, or logits, each) and a rule of :mod:`potstill.losses.ensemble`. Each
+chunk fills one more buffer per member and mixes them into the teacher's chunk logits in place
+(:func:`potstill.losses.chunked.mixture.mix_chunk_`); everything after that is the single-teacher
+path. ``K`` more chunk buffers and ``K`` teacher GEMMs per chunk; still no ``[N, V]`` tensor.
+
 Chunk size
 ----------
 ``chunk_size=None`` (:func:`~potstill.losses.chunked.default_chunk_size`) picks the rows whose
