@@ -91,6 +91,7 @@ class TokenBatch:
     index: Tensor | None = None  # rows of the training split (dataset batches only)
     origin: Origin = Origin.DATASET
     num_items: int | None = None  # set by the trainer: target tokens of the whole step
+    seed: int = 0  # key of this micro-batch's own randomness (its rollouts), a function of (seed, step, micro)
 
     #: methods divide by ``num_items``, which already covers every micro-batch of the step
     step_normalised = True
@@ -105,6 +106,10 @@ class TokenBatch:
     def count_targets(self) -> int:
         """The student's target tokens in this micro-batch (what its loss sums over)."""
         return self.student.count_targets()
+
+    def generator(self) -> torch.Generator:
+        """A generator for this micro-batch alone: its draws are a function of (seed, step, micro)."""
+        return torch.Generator(device=self.student.input_ids.device).manual_seed(self.seed)
 
     def to(self, device: torch.device) -> "TokenBatch":
         return dataclasses.replace(self, student=self.student.to(device),

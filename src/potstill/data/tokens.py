@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from potstill.batches import TokenBatch, TokenView
-from potstill.core.hashing import tensor_digest
+from potstill.core.hashing import keyed_seed, tensor_digest
 from potstill.data.order import StepOrder
 
 
@@ -50,4 +50,4 @@ class TokenBatches:
 
     def batch(self, step: int, micro: int = 0) -> TokenBatch:
         index = self.order.indices(step, micro)
-        return TokenBatch(self.split.view(index), index=index)
+        return TokenBatch(self.split.view(index), index=index, seed=keyed_seed(self.order.seed, step, micro, 2))

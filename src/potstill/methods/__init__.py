@@ -14,6 +14,7 @@ from potstill.methods.crd import CRD
 from potstill.methods.dkd import DKD
 from potstill.methods.dml import DML
 from potstill.methods.fitnet import FitNet
+from potstill.methods.gkd import GKD
 from potstill.methods.kd import KD
 from potstill.methods.lm_ce import LMCrossEntropy
 from potstill.methods.lm_kd import LMDistill
@@ -23,7 +24,7 @@ from potstill.methods.self_kd import SelfKD
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (CrossEntropy, KD, DKD, FitNet, AttentionTransfer, RKD, CRD, SelfKD, DML, PSKD,
-                               LMCrossEntropy, LMDistill)
+                               LMCrossEntropy, LMDistill, GKD)
 }
 
 

@@ -62,6 +62,8 @@ class Method(nn.Module):
     #: without one (the CE baselines, self-distillation); a method whose needs depend on its config
     #: overrides :meth:`needs` instead
     teacher_needs: ClassVar[tuple[Need, ...]] = (LOGIT_NEED,)
+    #: True for methods that train causal LMs on token batches (the LM task accepts only these)
+    for_tokens: ClassVar[bool] = False
 
     @classmethod
     def needs(cls, config: Strict) -> list[Need]:

@@ -19,6 +19,7 @@ from potstill.models.hf import lm_hidden_and_head
 
 class LMCrossEntropy(Method):
     name = "lm_ce"
+    for_tokens = True
 
     class Config(Strict):
         chunk_size: int | None = Field(None, description="Rows per vocabulary chunk (null: from a fixed memory budget).")

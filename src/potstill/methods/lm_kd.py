@@ -25,6 +25,7 @@ from potstill.methods.lm_common import shifted
 from potstill.models.hf import lm_hidden_and_head
 from potstill.teachers.base import Capability, Need, TeacherOutput
 
+Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
 _DENSE = frozenset({Capability.HIDDEN_HEAD, Capability.LOGITS, Capability.SPARSE_TOPK, Capability.MIXTURE})
 
 
@@ -50,9 +51,10 @@ def teacher_source(batch: TokenBatch, target: TeacherOutput) -> dict:
 
 class LMDistill(Method):
     name = "lm_kd"
+    for_tokens = True
 
     class Config(Strict):
-        divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"] = Field(
+        divergence: Divergence = Field(
             "forward_kl", description="Token-level divergence between teacher and student next-token distributions.")
         temperature: float = Field(1.0, gt=0, description="Softmax temperature of both sides.")
         beta: float = Field(0.5, ge=0, le=1, description="jsd only: mixture weight of the teacher (0: forward KL, 1: reverse KL).")

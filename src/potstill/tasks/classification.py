@@ -286,6 +286,8 @@ class ClassificationTask(TaskBase):
     def check_student(self, name: str, cfg: StudentConfig) -> str | None:
         """Dry run on fresh models: the method's taps and connectors are built before anything trains."""
         method_cls = method_class(cfg.method, where=f"students.{name}.method")
+        if method_cls.for_tokens:
+            raise UserError(f"students.{name}.method '{cfg.method}' trains language models; use it in a task: lm recipe")
         method_cfg = method_config(cfg.method, cfg.params, where=f"students.{name}")
         student = build_classifier(self.recipe.student, self.data.input_shape, self.data.num_classes)
         teacher = LocalTeacher(self._new_teacher_model(), "dry run") if method_cls.uses_teacher(method_cfg) else None

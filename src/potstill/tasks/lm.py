@@ -29,10 +29,10 @@ from potstill.data.tokens import TokenBatches
 from potstill.eval.lm_metrics import evaluate_lm, greedy_generate
 from potstill.eval.metrics import PeakMemory
 from potstill.losses.ensemble import mix
-from potstill.methods import method_class, method_config
+from potstill.methods import METHODS, method_class, method_config
 from potstill.methods.lm_ce import LMCrossEntropy
 from potstill.models.hf import final_logit_softcap, lm_hidden_and_head, load_causal_lm, load_tokenizer, logits_from_hidden
-from potstill.models.hf import make_student, save_student_folder, tiny_llama
+from potstill.models.hf import make_student, save_student_folder, stop_token_ids, tiny_llama
 from potstill.models.params import count_params
 from potstill.store.manifest import TeacherIdentity, check_setup
 from potstill.store.reader import StoreReader
@@ -225,6 +225,10 @@ class LMTask(TaskBase):
                                        seed=seed)
             except ValueError as error:
                 raise UserError(f"student: {error}") from None
+        # what the exported student stops on, and what on-policy methods stop their rollouts on
+        student.generation_config.eos_token_id = stop_token_ids(student, self.tokenizer)
+        if self.tokenizer.pad_token_id is not None:
+            student.generation_config.pad_token_id = int(self.tokenizer.pad_token_id)
         return student.train()
 
     def _test_batches(self):
@@ -333,8 +337,9 @@ class LMTask(TaskBase):
 
     def check_student(self, name: str, cfg) -> str | None:
         method_cls = method_class(cfg.method, where=f"students.{name}.method")
-        if not method_cls.name.startswith("lm_"):
-            raise UserError(f"students.{name}.method '{cfg.method}' is a classifier method; LM recipes use lm_ce or lm_kd")
+        if not method_cls.for_tokens:
+            lm_methods = ", ".join(n for n, c in METHODS.items() if c.for_tokens)
+            raise UserError(f"students.{name}.method '{cfg.method}' is a classifier method; LM recipes use {lm_methods}")
         method_cfg = method_config(cfg.method, cfg.params, where=f"students.{name}")
         m = self.store.manifest if self.store is not None else None
         if m is not None and m.format != "dense" and method_cls.uses_teacher(method_cfg) \
@@ -352,6 +357,7 @@ class LMTask(TaskBase):
         teacher = self.teacher if method_cls.uses_teacher(method_cfg) else None
         method = method_cls(student, teacher, method_cfg, num_classes=len(self.tokenizer), num_train=len(self.train_set))
         batches = TokenBatches(self.train_set, recipe.train.batch_size, recipe.train.grad_accum, seed)
+        method.setup(batches.batch(0))
         started = time.perf_counter()
         selection = self.selection()
         with PeakMemory() as memory:

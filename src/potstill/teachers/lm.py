@@ -22,7 +22,7 @@ from potstill.teachers.base import Capability, TeacherOutput
 
 
 class LMTeacher:
-    capabilities = frozenset({Capability.HIDDEN_HEAD, Capability.SCORE_NEW})
+    capabilities = frozenset({Capability.HIDDEN_HEAD, Capability.SCORE_NEW, Capability.GENERATE})
 
     def __init__(self, model: nn.Module, description: str):
         self.model = model
