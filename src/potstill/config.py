@@ -42,7 +42,9 @@ class TrainConfig(Strict):
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
     warmup_steps: int = Field(50, ge=0, description="Linear warmup steps before the cosine decay.")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine floor as a fraction of the peak lr.")
-    grad_clip: float | None = Field(5.0, description="Clip the global grad norm to this (null: no clipping).")
+    grad_clip: float | None = Field(5.0, description=(
+        "Clip the global grad norm to this (null: no clipping); a method that trains several models as if "
+        "apart clips each model's norm on its own (dml: each peer)."))
     eval_every: int = Field(100, gt=0, description="Evaluate on the validation split every N steps (checkpoint selection).")
     checkpoint_every: int = Field(250, gt=0, description="Write a resumable checkpoint every N steps.")
     log_every: int = Field(25, gt=0, description="Log training losses every N steps.")
