@@ -1,16 +1,20 @@
 """Chains: each stage's teacher is the previous stage's best-validation student, a SIGKILL at stage 2
-resumes to the straight run without retraining stage 1, and bad chain configs are one line."""
+resumes to the straight run without retraining stage 1, so does a chain folder moved before its
+resume, a stage folder without its config.yaml is a stage not begun (or refused when it holds the
+user's files), and bad chain configs are one line."""
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
 
-from helpers import TINY_RECIPE, deterministic_numbers, kill_then_resume, potstill
-from potstill.app.chain import choose_teacher
+from helpers import TINY_RECIPE, deterministic_numbers, kill_then_resume, potstill, write_recipe
+from potstill.app.chain import choose_teacher, start_stage
+from potstill.app.run import prepare_run_dir
 from potstill.core.errors import UserError
 from potstill.models.classifiers import ClassifierModelConfig, build_classifier, save_classifier
 from potstill.tasks import load_recipe, make_task
@@ -62,7 +66,7 @@ def test_each_stage_is_taught_by_the_previous_best_validation_seed(straight):
         weights = straight / by["weights"]
         assert weights == previous / "students" / "kd" / f"seed_{chosen}" / "student.safetensors"
         config = yaml.safe_load((straight / after["folder"] / "config.yaml").read_text())
-        assert config["teacher"]["path"] == str(weights.absolute())
+        assert config["teacher"]["path"] == by["weights"]  # relative to the chain's folder
         assert config["teacher"]["model"]["hidden"] == yaml.safe_load(
             (previous / "config.yaml").read_text())["student"]["hidden"]
         # the teacher really is those weights: its test accuracy is that seed's, and agreement with
@@ -110,8 +114,15 @@ def test_sigkill_in_stage_two_resumes_without_retraining_stage_one(straight, tmp
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # ... and was not touched again
     assert any(result(run / "stages" / "2-student", name, seed)["resumed_from"] > 0
                for name in ("baseline", "kd") for seed in (0, 1))  # stage two continued from a checkpoint
-    uninterrupted = json.loads((straight / "report.json").read_text())
-    for a, b in zip(uninterrupted["stages"], killed["stages"], strict=True):
+    assert killed == json.loads((run / "report.json").read_text())
+    assert_same_chain(straight, run)
+
+
+def assert_same_chain(straight, run):
+    """``run`` ended with the numbers and weights of the uninterrupted chain (the teachers'
+    descriptions name the folder each was loaded from)."""
+    uninterrupted, other = (json.loads((base / "report.json").read_text()) for base in (straight, run))
+    for a, b in zip(uninterrupted["stages"], other["stages"], strict=True):
         assert json.dumps({**a["teacher"], "description": None}) == json.dumps({**b["teacher"], "description": None})
         assert a["students"] == b["students"]
         ra, rb = (json.loads((base / a["folder"] / "report.json").read_text()) for base in (straight, run))
@@ -119,6 +130,96 @@ def test_sigkill_in_stage_two_resumes_without_retraining_stage_one(straight, tmp
         for weights in sorted((straight / a["folder"]).rglob("student.safetensors")):
             wa, wb = load_file(str(weights)), load_file(str(run / weights.relative_to(straight)))
             assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def copy_before(straight, run, stages):
+    """A copy of the straight chain as a kill before ``stages`` began leaves it: no chain report,
+    no folders for those stages."""
+    shutil.copytree(straight, run)
+    for name in ("report.json", "report.html"):
+        (run / name).unlink()
+    for stage in stages:
+        shutil.rmtree(run / "stages" / stage)
+    return run
+
+
+def test_a_moved_chain_resumes_from_its_own_files(straight, tmp_path):
+    run = copy_before(straight, tmp_path / "here", ["3-tiny"])
+    two = run / "stages" / "2-student"
+    for done in ("report.json", "report.html", "students/kd/seed_1/result.json"):
+        (two / done).unlink()  # as a kill in stage 2 leaves it: kd seed 1 at its step-40 checkpoint
+    moved = tmp_path / "elsewhere" / "there"
+    moved.parent.mkdir()
+    run.rename(moved)
+    done = potstill("distill", "--resume", str(moved), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    moved_two = moved / "stages" / "2-student"
+    assert result(moved_two, "kd", 1)["resumed_from"] == 40
+    config = yaml.safe_load((moved_two / "config.yaml").read_text())
+    assert config["teacher"]["path"].startswith("stages/1-assistant/students/kd/seed_")
+    for stage, taught_by in (("2-student", "1-assistant"), ("3-tiny", "2-student")):
+        teacher = json.loads((moved / "stages" / stage / "report.json").read_text())["teacher"]["description"]
+        assert f"loaded from {moved}/stages/{taught_by}/" in teacher  # not from where the chain was
+    assert_same_chain(straight, moved)
+
+
+def error_line(done) -> str:
+    """The one error line of a resume that stops (after the progress lines of the stages read back)."""
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2 and len(errors) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == errors[0]
+    return errors[0]
+
+
+def test_a_missing_teacher_file_is_one_line(straight, tmp_path):
+    run = copy_before(straight, tmp_path / "run", ["2-student", "3-tiny"])
+    weights = json.loads((straight / "report.json").read_text())["stages"][1]["teacher"]["taught_by"]["weights"]
+    (run / weights).unlink()
+    line = error_line(potstill("distill", "--resume", str(run), cwd=tmp_path))
+    assert f"{run / weights} is missing" in line and "teaches the next stage" in line
+    assert not (run / "stages" / "2-student").exists()
+
+
+@pytest.mark.parametrize("left", [{}, {".config.yaml.tmp-4242": "name: tinych"}])
+def test_a_stage_folder_without_config_is_a_stage_not_begun(straight, tmp_path, left):
+    run = copy_before(straight, tmp_path / "run", ["3-tiny"])
+    three = run / "stages" / "3-tiny"
+    three.mkdir()
+    for name, text in left.items():  # what a kill in the config's write leaves (an older potstill)
+        (three / name).write_text(text)
+    done = potstill("distill", "--resume", str(run), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in three.iterdir()) == ["config.yaml", "report.html", "report.json", "students"]
+    assert_same_chain(straight, run)
+
+
+def test_a_stage_folder_without_config_holding_other_files_is_refused(straight, tmp_path):
+    run = copy_before(straight, tmp_path / "run", ["3-tiny"])
+    three = run / "stages" / "3-tiny"
+    (three / "mine").mkdir(parents=True)
+    (three / "notes.txt").write_text("precious")
+    line = error_line(potstill("distill", "--resume", str(run), cwd=tmp_path))
+    assert f"{three} has no config.yaml" in line and "holds mine and 1 more" in line
+    assert sorted(p.name for p in three.iterdir()) == ["mine", "notes.txt"]
+    assert (three / "notes.txt").read_text() == "precious"
+
+
+class Killed(BaseException):
+    pass
+
+
+def test_a_kill_while_a_run_folder_is_made_leaves_no_folder_without_its_config(tmp_path, monkeypatch):
+    recipe = load_recipe(str(write_recipe(tmp_path)))
+
+    def killed(path, text):
+        raise Killed  # the instant between creating the folder and writing its config.yaml
+
+    monkeypatch.setattr("potstill.app.run.atomic_write_text", killed)
+    for make in (lambda folder: start_stage(folder, recipe), lambda folder: prepare_run_dir(folder, recipe, False)):
+        folder = tmp_path / "stages" / "2-student"
+        with pytest.raises(Killed):
+            make(folder)
+        assert not folder.exists()
 
 
 BAD = {

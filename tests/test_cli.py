@@ -20,6 +20,8 @@ def one_error_line(result):
     (["distill", "--set", "students.kd.method=kdd"], "did you mean 'kd'"),
     (["distill", "missing.yaml"], "config file not found"),
     (["distill", "--set", "train.steps=0"], "train.steps"),
+    (["distill", "digits-gap-ensemble", "--set", "teacher.ensemble.members.3.seed=7"],
+     "index 3 is out of range for 'teacher.ensemble.members', a list of 3 items"),
     (["distill", "--resume", "/nonexistent/run"], "cannot resume"),
     (["report", "/nonexistent/run"], "no report.json"),
 ])

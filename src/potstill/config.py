@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.resources
+import re
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -41,7 +42,9 @@ class TrainConfig(Strict):
     weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
     warmup_steps: int = Field(50, ge=0, description="Linear warmup steps before the cosine decay.")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine floor as a fraction of the peak lr.")
-    grad_clip: float | None = Field(5.0, description="Clip the global grad norm to this (null: no clipping).")
+    grad_clip: float | None = Field(5.0, description=(
+        "Clip the global grad norm to this (null: no clipping); a method that trains several models as if "
+        "apart clips each model's norm on its own (dml: each peer)."))
     eval_every: int = Field(100, gt=0, description="Evaluate on the validation split every N steps (checkpoint selection).")
     checkpoint_every: int = Field(250, gt=0, description="Write a resumable checkpoint every N steps.")
     log_every: int = Field(25, gt=0, description="Log training losses every N steps.")
@@ -124,24 +127,50 @@ def validate(model: type[BaseModel], data: dict, prefix: str = "") -> BaseModel:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply ``a.b.c=value`` overrides (values parsed as YAML scalars/lists) to nested dicts."""
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML scalars/lists) to nested dicts; a
+    numeric part indexes a list (``teacher.ensemble.members.1.seed=7``)."""
     data = yaml.safe_load(yaml.safe_dump(data))  # deep copy of plain data
     for item in overrides:
         if "=" not in item:
             raise UserError(f"--set expects key=value, got '{item}'")
         key, raw = item.split("=", 1)
         value = yaml.safe_load(raw) if raw.strip() else ""
-        node = data
+        node: dict | list = data
         parts = key.strip().split(".")
-        for part in parts[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
+        for depth, part in enumerate(parts[:-1]):
+            if isinstance(node, list):
+                index = _list_index(node, part, key, parts[:depth])
+                child = node[index]
+                if child is None:
+                    child = node[index] = {}
+            else:
+                child = node.get(part)
+                if child is None:
+                    child = node[part] = {}
+            if not isinstance(child, (dict, list)):
                 raise UserError(f"--set {key}: '{part}' is a value, not a section")
             node = child
-        node[parts[-1]] = value
+        if isinstance(node, list):
+            node[_list_index(node, parts[-1], key, parts[:-1])] = value
+        else:
+            node[parts[-1]] = value
     return data
+
+
+def _list_index(items: list, part: str, key: str, at: list[str]) -> int:
+    """``part`` as the index of an existing item of ``items`` (the list at ``at``). Never appended: a
+    typo would grow the list, and validation would then name an item the user never wrote. No index
+    from the end: validation errors name an item by its position from 0 (``stages.0.name``), so one
+    item keeps one name."""
+    where, size = ".".join(at), len(items)
+    number = re.fullmatch(r"[0-9]+", part) is not None
+    if number and int(part) < size:
+        return int(part)
+    span = f"indexes 0-{size - 1}" if size else "no items"
+    what = (f"index {part} is out of range for" if number else
+            f"negative index {part} refused for" if re.fullmatch(r"-[0-9]+", part) else
+            f"'{part}' is not an index of")
+    raise UserError(f"--set {key}: {what} '{where}', a list of {size} item{'s' * (size != 1)} ({span})")
 
 
 def builtin_recipes() -> dict[str, Path]:

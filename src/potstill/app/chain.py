@@ -10,17 +10,20 @@ Layout of a chain's run directory::
 The student that teaches the next stage is the stage's ``teaches_next`` student, in the seed with
 the best validation accuracy (``best_val`` of its ``result.json``; ties: the lowest seed). The test
 split never chooses anything. Stage k+1's recipe is the base with ``teacher.path`` = that seed's
-``student.safetensors`` and ``teacher.model`` = its architecture (from its ``student.json``).
+``student.safetensors`` and ``teacher.model`` = its architecture (from its ``student.json``). The
+path in the stage's config.yaml is relative to the chain's folder and made absolute only for the
+run, so a chain folder moved or copied elsewhere resumes from its own files.
 
 Resume: a stage with a report.json is finished and is read back, never retrained; a stage with a
 config.yaml but no report.json continues with :func:`potstill.app.run.run_recipe`'s own resume; the
 others start fresh. A stage's config.yaml must equal the recipe the chain builds for it now (same
-teacher weights file included), so a moved or edited run is refused rather than silently mixed.
+teacher weights file included), so an edited stage is refused rather than silently mixed.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,7 +34,7 @@ from rich.table import Table
 
 import potstill
 from potstill.app.report import metric_cell, print_wide
-from potstill.app.run import prepare_run_dir, run_recipe
+from potstill.app.run import create_run_dir, prepare_run_dir, run_recipe
 from potstill.config import RecipeBase
 from potstill.core.errors import UserError
 from potstill.core.io import atomic_write_json
@@ -59,7 +62,8 @@ def stage_folder(run_dir: Path, index: int, name: str) -> Path:
 
 
 def choose_teacher(folder: Path, student: str, seeds: list[int]) -> dict:
-    """The seed of ``student`` (in the stage run ``folder``) with the best validation accuracy."""
+    """The seed of ``student`` (in the stage run ``folder``) with the best validation accuracy; its
+    weights file as ``path``, relative to ``folder``."""
     values = {}
     for seed in seeds:
         result = folder / "students" / student / f"seed_{seed}" / "result.json"
@@ -68,11 +72,15 @@ def choose_teacher(folder: Path, student: str, seeds: list[int]) -> dict:
                             f"{result.relative_to(folder)} (was it skipped?)")
         values[seed] = float(json.loads(result.read_text())["best_val"])
     seed = max(sorted(values), key=lambda s: values[s])  # max keeps the first of equals: the lowest seed
-    student_dir = folder / "students" / student / f"seed_{seed}"
-    architecture = json.loads((student_dir / "student.json").read_text())["config"]
+    student_dir = Path("students") / student / f"seed_{seed}"
+    for needed in ("student.json", "student.safetensors"):
+        if not (folder / student_dir / needed).exists():
+            raise UserError(f"{folder / student_dir / needed} is missing: student '{student}' seed {seed} of "
+                            f"{folder.name} teaches the next stage (was it deleted?)")
+    architecture = json.loads((folder / student_dir / "student.json").read_text())["config"]
     return {"student": student, "seed": seed, "val_accuracy": values[seed],
             "val_accuracy_by_seed": {str(s): v for s, v in values.items()},
-            "path": str((student_dir / "student.safetensors").absolute()), "model": architecture}
+            "path": (student_dir / "student.safetensors").as_posix(), "model": architecture}
 
 
 def _same_recipe(folder: Path, expected: ClassificationRecipe) -> None:
@@ -81,18 +89,48 @@ def _same_recipe(folder: Path, expected: ClassificationRecipe) -> None:
     if found != wanted:
         differing = sorted(k for k, v in wanted.items() if found.get(k) != v)
         raise UserError(f"{folder}/config.yaml differs from the stage this chain builds (keys: {', '.join(differing)}); "
-                        "was the run directory moved or a stage edited? start the chain afresh")
+                        "was a stage edited? start the chain afresh")
 
 
-def run_stage(recipe: ClassificationRecipe, folder: Path, console: Console, began: float) -> dict:
-    """The stage's report: read back when finished, else its run (resumed when it had begun)."""
+#: what potstill itself may leave in a stage folder that has no config.yaml: the temporary file of the
+#: config's atomic write, when a kill stopped it in a folder that was there before (empty)
+PARTIAL_WRITE = re.compile(r"^\.config\.yaml\.tmp-[0-9]+$")
+
+
+def start_stage(folder: Path, recipe: ClassificationRecipe) -> None:
+    """The stage's folder and its config.yaml, at once. A folder already there without a config.yaml
+    is a stage that never began when it holds nothing or only potstill's partial writes (removed);
+    anything else in it is not potstill's to delete, so the chain stops."""
+    if folder.is_dir():
+        others = sorted(p.name for p in folder.iterdir() if not (p.is_file() and PARTIAL_WRITE.match(p.name)))
+        if others:
+            raise UserError(f"{folder} has no config.yaml, so this chain never started that stage, but it holds "
+                            f"{others[0]}{f' and {len(others) - 1} more' if len(others) > 1 else ''}: move them "
+                            "elsewhere, then resume")
+        for partial in folder.iterdir():
+            partial.unlink()
+    create_run_dir(folder, recipe)
+
+
+def run_stage(recipe: ClassificationRecipe, runnable: ClassificationRecipe, folder: Path, console: Console,
+              began: float) -> dict:
+    """The stage's report: read back when finished, else its run (resumed when it had begun).
+    ``recipe`` is what its config.yaml holds, ``runnable`` the same with the teacher's path absolute."""
     if (folder / "config.yaml").exists():
         _same_recipe(folder, recipe)
         if (folder / "report.json").exists():
             console.print(f"{folder.name}: finished earlier, read back", highlight=False)
             return json.loads((folder / "report.json").read_text())
-        return run_recipe(None, folder, resume=True, console=console, started=began)
-    return run_recipe(recipe, folder, console=console, started=began)
+    else:
+        start_stage(folder, recipe)
+    return run_recipe(runnable, folder, resume=True, console=console, started=began)
+
+
+def runnable_stage(recipe: ClassificationRecipe, run_dir: Path) -> ClassificationRecipe:
+    """``recipe`` with its teacher's path, relative to the chain folder ``run_dir``, made absolute:
+    the stage's run loads it from wherever the chain folder is now (and from any working directory)."""
+    teacher = recipe.teacher.model_copy(update={"path": str((run_dir / recipe.teacher.path).absolute())})
+    return recipe.model_copy(update={"teacher": teacher})
 
 
 def stage_entry(run_dir: Path, folder: Path, name: str, report: dict, taught_by: dict | None) -> dict:
@@ -123,14 +161,16 @@ def run_chain(recipe: ChainRecipe | None, run_dir: Path, *, resume: bool = False
         taught = (f"taught by stage {index}'s {teacher['student']} seed {teacher['seed']} "
                   f"(val accuracy {teacher['val_accuracy']:.4f})" if teacher else "taught by the base teacher")
         console.print(f"[bold]stage {index + 1}/{len(stages)} {escape(stage.name)}[/]: {taught}", highlight=False)
-        report = run_stage(recipe.stage_recipe(index, teacher), folder, console, began)
+        written = recipe.stage_recipe(index, teacher)
+        report = run_stage(written, written if teacher is None else runnable_stage(written, run_dir), folder,
+                           console, began)
         taught_by = None if teacher is None else {
             **{k: v for k, v in teacher.items() if k not in ("path", "model")},
-            "stage": stages[index - 1].name, "weights": Path(teacher["path"]).relative_to(run_dir.absolute()).as_posix(),
-            "architecture": teacher["model"]}
+            "stage": stages[index - 1].name, "weights": teacher["path"], "architecture": teacher["model"]}
         entries.append(stage_entry(run_dir, folder, stage.name, report, taught_by))
         if index + 1 < len(stages):
             teacher = choose_teacher(folder, recipe.teaching_student(stage), report["protocol"]["seeds"])
+            teacher["path"] = f"{folder.relative_to(run_dir).as_posix()}/{teacher['path']}"  # relative to the chain
             entries[-1]["teaches_next"] = {k: v for k, v in teacher.items() if k not in ("path", "model")}
     chain_report = {"potstill_version": potstill.__version__, "recipe": recipe.name, "task": "chain",
                     "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),

@@ -40,7 +40,7 @@ from potstill.app.workers import Job, Workers, run_job
 from potstill.config import RecipeBase, dump_recipe
 from potstill.core.device import resolve_runtime
 from potstill.core.errors import UserError
-from potstill.core.io import atomic_write_text
+from potstill.core.io import atomic_write_text, fresh_temporary_dir
 from potstill.methods import method_class, method_config
 from potstill.tasks import load_recipe, make_task
 from potstill.teachers.base import mismatch_line, unmet_needs
@@ -51,18 +51,31 @@ def default_run_dir(recipe_name: str) -> Path:
 
 
 def prepare_run_dir(run_dir: Path, recipe: RecipeBase | None, resume: bool) -> RecipeBase:
-    """Create a fresh run dir (never overwriting one) or read back a resumable one's recipe."""
+    """Create a fresh run dir (never overwriting one) or read back a resumable one's recipe. A
+    ``recipe`` given with ``resume`` is run instead of the one read back: the caller has checked it
+    against config.yaml (a chain stage, whose config.yaml names its teacher relative to the chain)."""
     config_path = run_dir / "config.yaml"
     if resume:
         if not config_path.exists():
             raise UserError(f"cannot resume {run_dir}: no config.yaml there (not a potstill run directory)")
-        return load_recipe(str(config_path))
+        return recipe if recipe is not None else load_recipe(str(config_path))
     if run_dir.exists() and any(run_dir.iterdir()):
         raise UserError(f"{run_dir} already exists and is not empty; continue it with --resume {run_dir} "
                         "or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(config_path, dump_recipe(recipe))
+    create_run_dir(run_dir, recipe)
     return recipe
+
+
+def create_run_dir(run_dir: Path, recipe: RecipeBase) -> None:
+    """``run_dir`` with its config.yaml, built beside it and renamed into place: a kill leaves no run
+    directory without the config that --resume reads. An (empty) folder that is already there is the
+    user's to keep: the config is written into it."""
+    if run_dir.is_dir():
+        atomic_write_text(run_dir / "config.yaml", dump_recipe(recipe))
+        return
+    built = fresh_temporary_dir(run_dir)
+    atomic_write_text(built / "config.yaml", dump_recipe(recipe))
+    os.replace(built, run_dir)
 
 
 def check_students(recipe: RecipeBase, task) -> dict[str, str]:

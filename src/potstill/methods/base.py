@@ -14,6 +14,8 @@ What a method may add to a training step, each with a do-nothing default:
 * :meth:`Method.prepare_step`: turn the step's dataset micro-batches into what it trains on
   (student rollouts, replayed samples) before any backward.
 * :meth:`Method.param_groups`: more than one optimizer or parameter group.
+* :meth:`Method.clip_groups`: parameters whose gradient norms are clipped apart (peers trained
+  together, each as if alone).
 * :meth:`Method.components`: state beyond ``state_dict`` (a replay buffer, EMA weights) that is
   saved in the same atomic checkpoint and restored exactly.
 * :meth:`Method.after_step`: work after each optimizer step (an EMA update, a buffer refresh).
@@ -90,6 +92,11 @@ class Method(nn.Module):
             if parameter.requires_grad:
                 (decay if parameter.ndim >= 2 else no_decay).append(parameter)
         return [[{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]]
+
+    def clip_groups(self) -> list[list[nn.Parameter]]:
+        """The parameter sets whose gradient norms ``train.grad_clip`` bounds, each by its own norm:
+        by default one, every parameter (the global norm)."""
+        return [list(self.parameters())]
 
     def components(self) -> dict[str, Component]:
         return {}

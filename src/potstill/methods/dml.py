@@ -4,7 +4,9 @@ Peer 0 is the student (the one evaluated, selected and saved); peers 1..K-1 have
 architecture and their own initialisation. Each peer i minimises CE on labels + kd_weight * the
 mean over j != i of T^2 * KL(p_j || p_i), with p_j a fixed target (detached), on every example
 (labelled or not). All peers step together from the same forward, under one optimizer; the paper
-updates them in turn, which needs K forwards per step for the same objective.
+updates them in turn, which needs K forwards per step for the same objective. Gradient clipping
+(``train.grad_clip``) bounds each peer's gradient norm on its own, as if it trained alone: under a
+global norm, one peer's large gradient would shrink every peer's step.
 
 A peer's initialisation is a pure function of the student's initial weights (which the task draws
 from the job's seed): same seed, same peers; another seed, other peers; and drawing them leaves
@@ -56,6 +58,9 @@ class DML(Method):
 
     def all_peers(self) -> list[nn.Module]:
         return [self.student, *self.peers]
+
+    def clip_groups(self) -> list[list[nn.Parameter]]:
+        return [list(peer.parameters()) for peer in self.all_peers()]
 
     def forward(self, batch: ClassBatch) -> dict[str, Tensor]:
         cfg = self.config

@@ -104,7 +104,8 @@ class ChainRecipe(Strict):
 
     def stage_recipe(self, index: int, teacher: dict | None) -> ClassificationRecipe:
         """Stage ``index``'s classification recipe; ``teacher``: ``{"path", "model"}`` of the student
-        that teaches it (None for the first stage: the base's own teacher)."""
+        that teaches it, its path as the stage's config.yaml holds it, relative to the chain's folder
+        (None for the first stage: the base's own teacher)."""
         stage = self.resolved_stages()[index]
         data = self.base.model_dump(mode="json")
         data["name"] = f"{self.name}-{index + 1}-{stage.name}"

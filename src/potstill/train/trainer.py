@@ -7,8 +7,9 @@ One optimizer step has four phases, in this order:
    of token batches to the target tokens of the whole step.
 2. **forward/backward** over the planned micro-batches, under the runtime's autocast. Losses are
    summed on the device; nothing is read back to the host until the logging cadence.
-3. **optimizer step(s)**: global-norm clipping, then every optimizer the method asked for
-   (AdamW under a warmup + cosine schedule; fused kernel where the device has one).
+3. **optimizer step(s)**: gradient-norm clipping (the global norm, or each of the method's
+   ``clip_groups`` by its own), then every optimizer the method asked for (AdamW under a warmup +
+   cosine schedule; fused kernel where the device has one).
 4. **post-step hooks** (``after_step``: EMA, buffers), then logging, evaluation with checkpoint
    selection on the validation metric, and an atomic checkpoint.
 
@@ -87,6 +88,12 @@ def _set_learning_rate(optimizers: list[torch.optim.Optimizer], lr: float) -> No
             group["lr"] = lr * group["lr_scale"] if "lr_scale" in group else lr
 
 
+def clip_gradients(method: Method, max_norm: float) -> None:
+    """Scale the gradients of each of the method's clip groups to a norm of at most ``max_norm``."""
+    for parameters in method.clip_groups():
+        torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+
+
 def _forward_backward(method: Method, micro_batches: list[Batch], runtime: Runtime) -> dict[str, Tensor]:
     """Backward of the step's objective; returns the losses summed over micro-batches (on the device)."""
     totals: dict[str, Tensor] = {}
@@ -146,7 +153,7 @@ def train(method: Method, *, batches: Batches, evaluate: Callable[[], dict[str, 
         totals = _forward_backward(method, micro_batches, runtime)
         # 3. optimizer step(s)
         if cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.grad_clip)
+            clip_gradients(method, cfg.grad_clip)
         for optimizer in optimizers:
             optimizer.step()
         step += 1
