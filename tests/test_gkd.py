@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from helpers import kill_then_resume, potstill, write_recipe
 from potstill.batches import IGNORE, Origin, TokenBatch, TokenView, plan_normaliser
 from potstill.core.errors import UserError
-from potstill.methods.gkd import GKD, prompts_of
+from potstill.methods.gkd import GKD
 from potstill.methods.lm_kd import LMDistill
 from potstill.models.hf import lm_hidden_and_head, tiny_llama
 from potstill.models.hf.rollout import sample_continuations
@@ -53,10 +53,10 @@ def gkd(student, teacher, **params):
 
 def test_prompts_are_what_precedes_the_first_target_or_the_first_tokens():
     batch = dataset_batch(prompt=5)
-    ids, mask = prompts_of(batch.student, prompt_tokens=3)
+    ids, mask = batch.student.prompts(3)
     assert torch.equal(ids, batch.student.input_ids[:, :5]) and mask.all()
     text = dataset_batch()  # every token a target: the first prompt_tokens tokens prompt it
-    ids, mask = prompts_of(text.student, prompt_tokens=3)
+    ids, mask = text.student.prompts(3)
     assert torch.equal(ids, text.student.input_ids[:, :3])
 
 
@@ -128,7 +128,7 @@ def test_seq_kd_trains_on_the_teachers_samples(models):
     method.setup(dataset_batch())
     (batch,) = method.prepare_step(0, [dataset_batch(seed=9)])
     assert batch.origin is Origin.TEACHER
-    ids, mask = prompts_of(dataset_batch(seed=9).student, 4)
+    ids, mask = dataset_batch(seed=9).student.prompts(4)
     from potstill.core.hashing import keyed_seed
 
     expected = sample_continuations(teacher.model, ids, mask, max_new_tokens=5, stop_ids=[EOS], pad_id=PAD,

@@ -77,6 +77,18 @@ class TokenView:
     def count_targets(self) -> int:
         return int(self.target_mask().sum())
 
+    def prompts(self, prompt_tokens: int) -> tuple[Tensor, Tensor]:
+        """Right-padded prompts [B, P] (ids, mask): each row's tokens before its first target, or its
+        first ``prompt_tokens`` tokens when it is a target from its start (packed text)."""
+        targets = self.labels != IGNORE
+        length = self.attention_mask.sum(dim=1)
+        first = torch.where(targets.any(dim=1), targets.float().argmax(dim=1), length)
+        chosen = torch.where(first >= 1, first, torch.full_like(first, prompt_tokens))
+        chosen = torch.minimum(chosen, (length - 1).clamp(min=1))
+        width = int(chosen.max())
+        mask = (torch.arange(width, device=chosen.device).unsqueeze(0) < chosen.unsqueeze(1)).long()
+        return self.input_ids[:, :width] * mask, mask
+
     def as_dict(self) -> dict[str, Tensor]:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "labels": self.labels}
 

@@ -96,7 +96,7 @@ def metric_cell(metrics: dict, name: str) -> str:
 def summary_table(report: dict) -> Table:
     primary = report["primary_metric"]
     present = {m for entry in report["students"].values() for m in entry["metrics"]}
-    names = [primary] + [m for m in ("agreement", "kl_to_teacher", "ece", "params", "tokens_per_s")
+    names = [primary] + [m for m in ("exact_match", "agreement", "kl_to_teacher", "ece", "params", "tokens_per_s")
                          if m != primary and m in present]
     table = Table(title=f"{report['recipe']}: test metrics, mean ± std over seeds {report['protocol']['seeds']}")
     table.add_column("model")

@@ -35,9 +35,10 @@ import torch
 import torch.nn.functional as F
 
 from potstill.losses.ensemble import MixtureRule, mix
+from potstill.models.hf.rollout import sample_continuations
 from potstill.models.hf import final_logit_softcap, generate_greedy, lm_hidden_and_head, logits_from_hidden
 
-__all__ = ["evaluate_lm", "greedy_generate"]
+__all__ = ["evaluate_lm", "exact_match", "greedy_generate"]
 
 
 def _as_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -158,6 +159,28 @@ def _teacher_logits(sides: list, rows: slice, mixture: MixtureRule | None) -> to
     """The teacher's fp32 logits of ``rows``: one model's, or the members' mixed label-free."""
     logits = [logits_from_hidden(h[rows], w, b, cap).float() for h, w, b, cap in sides]
     return logits[0] if len(logits) == 1 and mixture is None else mix(mixture, torch.stack(logits))
+
+
+@torch.no_grad()
+def exact_match(model: torch.nn.Module, views: Iterable[Any], *, stop_ids: Sequence[int], pad_id: int) -> float:
+    """Share of rows whose greedy response equals their target tokens exactly (EOS included).
+
+    Each row's prompt is what precedes its first target token; the model writes at most as many
+    tokens as the row has targets, so a response that runs on without its EOS is wrong."""
+    right = total = 0
+    for view in views:
+        targets = view.labels != -100
+        prompt_ids, prompt_mask = view.prompts(1)
+        out = sample_continuations(model, prompt_ids, prompt_mask, max_new_tokens=int(targets.sum(dim=1).max()),
+                                   temperature=0.0, stop_ids=stop_ids, pad_id=pad_id)
+        for row in range(len(prompt_ids)):
+            expected = view.labels[row][targets[row]]
+            got = out.labels[row][out.labels[row] != -100]
+            right += int(torch.equal(expected, got))
+        total += len(prompt_ids)
+    if total == 0:
+        raise ValueError("no rows to verify")
+    return right / total
 
 
 def greedy_generate(

@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import torch
 from pydantic import Field
-from torch import Tensor
 
-from potstill.batches import IGNORE, Origin, TokenBatch, TokenView
+from potstill.batches import Origin, TokenBatch, TokenView
 from potstill.core.errors import UserError
 from potstill.core.hashing import keyed_seed
 from potstill.methods.lm_kd import Divergence, LMDistill
@@ -31,18 +30,6 @@ from potstill.teachers.base import Capability, Need
 
 SCORE_NEED = Need(frozenset({Capability.SCORE_NEW}), "targets for the student's own samples, scored from their content")
 GENERATE_NEED = Need(frozenset({Capability.GENERATE}), "seq_kd: the teacher's own samples of the prompts")
-
-
-def prompts_of(view: TokenView, prompt_tokens: int) -> tuple[Tensor, Tensor]:
-    """Right-padded prompts [B, P] (ids, mask): each row's tokens before its first target, or its
-    first ``prompt_tokens`` tokens when it is target from the start."""
-    targets = view.labels != IGNORE
-    first = torch.where(targets.any(dim=1), targets.float().argmax(dim=1), view.attention_mask.sum(dim=1))
-    length = torch.where(first >= 1, first, torch.full_like(first, prompt_tokens))
-    length = torch.minimum(length, (view.attention_mask.sum(dim=1) - 1).clamp(min=1))
-    width = int(length.max())
-    mask = (torch.arange(width, device=length.device).unsqueeze(0) < length.unsqueeze(1)).long()
-    return view.input_ids[:, :width] * mask, mask
 
 
 def stop_and_pad_ids(model: torch.nn.Module) -> tuple[list[int], int]:
@@ -96,7 +83,7 @@ class GKD(LMDistill):
         cfg, view = self.config, batch.student
         if not hasattr(self, "stop_ids"):
             self.setup(batch)
-        prompt_ids, prompt_mask = prompts_of(view, cfg.prompt_tokens)
+        prompt_ids, prompt_mask = view.prompts(cfg.prompt_tokens)
         device = prompt_ids.device
         generator = torch.Generator(device=device).manual_seed(keyed_seed(batch.seed, 2))
         out = sample_continuations(model, prompt_ids, prompt_mask, max_new_tokens=cfg.max_new_tokens,

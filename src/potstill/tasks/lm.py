@@ -25,8 +25,9 @@ from potstill.core.hashing import json_digest, tokenizer_sha256, weights_sha256
 from potstill.core.io import save_tensors
 from potstill.core.paths import cache_dir
 from potstill.data.text import generate_responses, train_tiny_tokenizer
+from potstill.data.text.addition import char_tokenizer
 from potstill.data.tokens import TokenBatches
-from potstill.eval.lm_metrics import evaluate_lm, greedy_generate
+from potstill.eval.lm_metrics import evaluate_lm, exact_match, greedy_generate
 from potstill.eval.metrics import PeakMemory
 from potstill.losses.ensemble import mix
 from potstill.methods import METHODS, method_class, method_config
@@ -56,7 +57,8 @@ class LMTask(TaskBase):
     primary_metric = "perplexity"
     curve_metric = "val/perplexity"
     higher_is_better = {"perplexity": False, "kl_to_teacher": False, "agreement": True, "params": False,
-                        "tokens_per_s": True, "peak_memory_mb": False, "teacher_perplexity": False}
+                        "tokens_per_s": True, "peak_memory_mb": False, "teacher_perplexity": False,
+                        "exact_match": True}
     teacher_targets: str | None = None  # where the students' teacher targets came from, set by prepare_teacher
 
     def __init__(self, recipe: LMRecipe):
@@ -86,6 +88,8 @@ class LMTask(TaskBase):
 
     def _tokenizer(self):
         cfg = self.member_cfgs[0]
+        if cfg.model == "tiny" and self.recipe.data.source == "addition":
+            return char_tokenizer()
         if cfg.model == "tiny":
             return train_tiny_tokenizer(documents(self.recipe.data), self.recipe.data.tokenizer_vocab)
         return load_tokenizer(cfg.model)
@@ -266,7 +270,8 @@ class LMTask(TaskBase):
             return {**entry, "description": self.teacher.description, "reused": False,
                     "store": self.store.report_entry()}
         metrics = evaluate_lm(self.teacher_model, None, self._test_batches())
-        values = {"perplexity": metrics["perplexity"], "params": sum(map(count_params, self.teacher_models))}
+        values = {"perplexity": metrics["perplexity"], "params": sum(map(count_params, self.teacher_models)),
+                  **self._verified(self.teacher_model if len(self.teacher_models) == 1 else None)}
         self.teacher_generations = greedy_generate(self.teacher_model, self.tokenizer, self.heldout_prompts[:ev.generations],
                                                    ev.generation_tokens) if ev.generations else []
         entry = {"description": self.teacher.description, "reused": self.reused, "params": values["params"]}
@@ -278,6 +283,14 @@ class LMTask(TaskBase):
             values["perplexity"] = mixed["teacher_perplexity"]
             entry["generations_by"] = "member 0 (an ensemble does not generate)"
         return {**entry, "metrics": {k: {"mean": v, "std": 0.0, "values": [v]} for k, v in values.items()}}
+
+    def _verified(self, model: torch.nn.Module | None) -> dict[str, float]:
+        """``exact_match`` of greedy answers on the test split, for data with an exact verifier."""
+        if model is None or self.recipe.data.source != "addition":
+            return {}
+        views = self.test_set.eval_views(self.recipe.eval.batch_size)
+        stops = stop_token_ids(model, self.tokenizer)
+        return {"exact_match": exact_match(model, views, stop_ids=stops, pad_id=int(self.tokenizer.pad_token_id))}
 
     def _eval_teacher(self) -> dict:
         """evaluate_lm's teacher arguments: the model, or the ensemble's members and rule."""
@@ -377,7 +390,7 @@ class LMTask(TaskBase):
 
         held_out = evaluate_lm(student, batches=self._test_batches(), **self._eval_teacher())
         tokens = result.trained_items
-        metrics = {"perplexity": held_out["perplexity"],
+        metrics = {"perplexity": held_out["perplexity"], **self._verified(student),
                    **{k: held_out[k] for k in ("kl_to_teacher", "agreement") if k in held_out},
                    "params": count_params(student), "tokens_per_s": tokens / elapsed if elapsed > 0 and tokens else 0.0,
                    "peak_memory_mb": memory.peak_mb}
@@ -402,8 +415,11 @@ class LMTask(TaskBase):
         return {
             "selection": f"best {sel['metric']}, evaluated every {sel['every']} steps on "
                          f"{sel['split_size']} validation sequences",
-            "test": f"held-out split of {len(self.test_set)} sequences (pydoc text + teacher-answered prompts), "
-                    "used only for the final numbers; perplexity and KL are per target token",
+            "test": (f"held-out split of {len(self.test_set)} distinct addition problems ({r.data.addition_digits}-digit "
+                     "operands, answers least significant digit first); exact_match = greedy answer equal to the "
+                     "answer up to and including EOS" if r.data.source == "addition" else
+                     f"held-out split of {len(self.test_set)} sequences (pydoc text + teacher-answered prompts)")
+                    + ", used only for the final numbers; perplexity and KL are per target token",
             "notes": [
                 f"teacher: {self.teacher.description}; student: {r.student.num_layers} layers, init={r.student.init}"
                 + (" (from member 0's layers)" if len(self.teacher_models) > 1 and r.student.init == "teacher_layers" else ""),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from potstill.config import RecipeBase, Strict, StudentConfig, TrainConfig, absolute_path
 from potstill.tasks.teacher_ensemble import EnsembleRuleConfig
@@ -67,6 +67,13 @@ class LMStudentModelConfig(Strict):
 
 
 class LMDataConfig(Strict):
+    source: Literal["pydoc", "addition"] = Field("pydoc", description="pydoc: Python's reference text (+ teacher-"
+                                                 "answered prompts); addition: synthetic multi-digit addition problems "
+                                                 "with an exact verifier (docs/onpolicy.md), answer digits least "
+                                                 "significant first.")
+    addition_digits: int = Field(3, gt=0, le=9, description="source=addition: digits of each operand.")
+    addition_problems: int = Field(6000, gt=10, description="source=addition: distinct problems, shared out as the "
+                                   "split fractions.")
     seq_len: int = Field(128, gt=8, description="Tokens per training sequence.")
     max_documents: int | None = Field(None, description="Use at most this many pydoc_data topics (null: all).")
     max_sequences: int | None = Field(None, description="Keep at most this many packed text sequences (null: all).")
@@ -75,7 +82,14 @@ class LMDataConfig(Strict):
     val_fraction: float = Field(0.1, gt=0, lt=1, description="Validation split (checkpoint selection).")
     test_fraction: float = Field(0.1, gt=0, lt=1, description="Held-out test split (reported only).")
     split_seed: int = Field(0, description="Seed of the split.")
-    tokenizer_vocab: int = Field(512, gt=16, description="For teacher.model='tiny': vocabulary of the in-run tokenizer.")
+    tokenizer_vocab: int = Field(512, gt=16, description="For teacher.model='tiny': vocabulary of the in-run tokenizer "
+                                 "(source=addition: one token per character instead).")
+
+    @model_validator(mode="after")
+    def _source_fits(self) -> "LMDataConfig":
+        if self.source == "addition" and self.chat_prompts:
+            raise ValueError("data.source=addition has its own prompts: set data.chat_prompts=0")
+        return self
 
 
 class LMEvalConfig(Strict):

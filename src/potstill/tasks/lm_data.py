@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from potstill.core.errors import UserError
 from potstill.data.text import PROMPTS, encode_chat, pack_documents, pydoc_documents, split, split_by_size
+from potstill.data.text.addition import addition_problems, encode_problem
 from potstill.data.tokens import TokenSplit
 from potstill.tasks.lm_config import LMDataConfig
 
@@ -50,9 +51,24 @@ def _packed(tokenizer: Any, docs: list[str], seq_len: int, cap: int | None) -> l
     return [{"input_ids": s, "attention_mask": s.new_ones(s.shape), "labels": s.clone()} for s in packed]
 
 
+def addition_data(cfg: LMDataConfig, tokenizer: Any) -> LMData:
+    """Distinct addition problems split train/val/test, each row one problem (answer tokens the targets)."""
+    problems = addition_problems(cfg.addition_problems, cfg.addition_digits, cfg.split_seed)
+    try:
+        rows = [encode_problem(tokenizer, prompt, answer, cfg.seq_len) for prompt, answer in problems]
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    train, val, test = _split(cfg, rows)
+    return LMData(TokenSplit.stack(train), TokenSplit.stack(val), TokenSplit.stack(test), heldout_prompts=[],
+                  teacher_responses=[])
+
+
 def build_lm_data(cfg: LMDataConfig, tokenizer: Any,
                   answer: Callable[[list[str]], list[str]] | None, where: str = "the teacher") -> LMData:
-    """Packed text, plus ``cfg.chat_prompts`` prompts answered by ``answer`` (None: no chat data)."""
+    """Packed text, plus ``cfg.chat_prompts`` prompts answered by ``answer`` (None: no chat data);
+    or, for ``source=addition``, the addition problems."""
+    if cfg.source == "addition":
+        return addition_data(cfg, tokenizer)
     docs = documents(cfg)
     parts = split_by_size(docs, [len(d) for d in docs], cfg.val_fraction, cfg.test_fraction, cfg.split_seed)
     caps = _caps(cfg)
