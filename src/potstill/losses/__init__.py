@@ -3,11 +3,13 @@
 from potstill.losses.classic import dkd, dkd_parts, kd, standardize_logits
 from potstill.losses.divergences import (
     DIVERGENCES,
+    akl,
     forward_kl,
     jsd,
     reverse_kl,
     skew_forward_kl,
     skew_reverse_kl,
+    taid_kl,
     tvd,
 )
 from potstill.losses.features import (
@@ -28,6 +30,8 @@ __all__ = [
     "skew_forward_kl",
     "skew_reverse_kl",
     "tvd",
+    "akl",
+    "taid_kl",
     "standardize_logits",
     "kd",
     "dkd",

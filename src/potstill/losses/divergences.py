@@ -9,6 +9,12 @@ Conventions shared by every function here:
 * Computation happens in float32 at least (float64 inputs stay float64), through log-softmax,
   so logits of magnitude 1e4 and bf16 inputs are safe.
 
+Two objectives of the LLM-distillation papers live here too (formulas in their docstrings and in
+docs/llm-objectives.md): ``akl``, the adaptive forward/reverse KL mix of Wu et al. (COLING 2025), and
+``taid_kl``, the KL to TAID's interpolated target (Shing et al., ICLR 2025). Both hold part of the
+objective constant (AKL's weights, TAID's student side of the target), so their gradients are not
+the derivatives of their values: they are the gradients those papers train with.
+
 Each divergence is also exposed as a *per-position* function of log-probabilities
 (``PER_POSITION[name](log_q, log_p, **kwargs) -> tensor[...]``); the chunked vocabulary engine
 (:mod:`potstill.losses.chunked`) evaluates those chunk by chunk.
@@ -29,6 +35,9 @@ __all__ = [
     "skew_forward_kl",
     "skew_reverse_kl",
     "tvd",
+    "akl",
+    "akl_weights",
+    "taid_kl",
     "DIVERGENCES",
     "PER_POSITION",
     "log_probs",
@@ -118,6 +127,78 @@ def tvd_pp(log_q: Tensor, log_p: Tensor) -> Tensor:
     return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(dim=-1)
 
 
+#: top tokens ranked first; only rows whose head reaches past them are sorted in full (on CPU a full
+#: sort of 49,152 probabilities costs about 15 times a top-64)
+AKL_PROBE = 64
+
+
+def _ranked_threshold(ranked: Tensor, mu: float) -> tuple[Tensor, Tensor]:
+    """(smallest head probability, head size) per row of probabilities sorted in decreasing order."""
+    before = ranked.cumsum(dim=-1).sub_(ranked)  # mass ranked strictly ahead; before[..., 0] == 0 exactly
+    count = (before < mu).sum(dim=-1, keepdim=True)
+    return ranked.gather(-1, count - 1), count
+
+
+def _head_threshold(p: Tensor, mu: float) -> Tensor:
+    """The probability of the last token ranked in the head, per row ([..., 1])."""
+    k = min(AKL_PROBE, p.shape[-1])
+    threshold, count = _ranked_threshold(p.topk(k, dim=-1).values, mu)
+    if k < p.shape[-1]:
+        longer = (count == k).squeeze(-1)  # every probed token is head: the head may go on past them
+        if bool(longer.any()):
+            full, _ = _ranked_threshold(p[longer].sort(dim=-1, descending=True).values, mu)
+            threshold[longer] = full
+    return threshold
+
+
+def akl_weights(log_q: Tensor, log_p: Tensor, mu: float = 0.5) -> tuple[Tensor, Tensor]:
+    """AKL's (head, tail) weights per position, constants (computed without gradient).
+
+    The head is the set of the teacher's most probable tokens covering mass ``mu``: token ``v`` is in
+    it iff ``p_v > 0`` and the mass of the tokens strictly more probable than ``v`` is below ``mu``.
+    That is the smallest top-``p`` prefix with mass >= ``mu``, except that tied tokens are never split
+    (all of them or none), so the result does not depend on how a sort orders ties. The top token is
+    always in the head (nothing is more probable), so the head is never empty for ``mu`` in (0, 1].
+    With ``g_head = sum_head |p - q|`` and ``g_tail = sum_tail |p - q|`` the weights are
+    ``g_head / (g_head + g_tail)`` and ``g_tail / (g_head + g_tail)``; where ``p == q`` (both gaps 0)
+    they are 1/2 each (both KLs and their gradients are 0 there, so any split gives the same result).
+    """
+    with torch.no_grad():
+        p, q = log_p.exp(), log_q.exp()
+        # a threshold on the value, not a prefix of the sort: tied tokens land on the same side
+        head = (p >= _head_threshold(p, mu)) & (p > 0)
+        gap = (p - q).abs()
+        zero = torch.zeros((), dtype=gap.dtype, device=gap.device)
+        g_head = torch.where(head, gap, zero).sum(dim=-1)
+        g_tail = torch.where(head, zero, gap).sum(dim=-1)
+        total = g_head + g_tail
+        some = total > 0
+        half = torch.full_like(total, 0.5)
+        return torch.where(some, g_head / total, half), torch.where(some, g_tail / total, half)
+
+
+def akl_pp(log_q: Tensor, log_p: Tensor, mu: float = 0.5) -> Tensor:
+    if not 0.0 < mu <= 1.0:
+        raise ValueError(f"akl mu (the head's share of the teacher's mass) must be in (0, 1], got {mu}")
+    if mu == 1.0:  # the head is the whole vocabulary: g_tail = 0, forward KL alone
+        return forward_kl_pp(log_q, log_p)
+    w_head, w_tail = akl_weights(log_q, log_p, mu)
+    return w_head * forward_kl_pp(log_q, log_p) + w_tail * reverse_kl_pp(log_q, log_p)
+
+
+def taid_kl_pp(log_q: Tensor, log_p: Tensor, t: float | None = None) -> Tensor:
+    if t is None or not 0.0 <= t <= 1.0:
+        raise ValueError(f"taid_kl needs its interpolation t in [0, 1], got {t}")
+    if t == 1.0:  # the target is the teacher: forward KL, to the last bit
+        return forward_kl_pp(log_q, log_p)
+    student = log_q.detach()
+    if t == 0.0:  # the target is the student itself (log_q is normalised already): value 0, gradient 0
+        return _kl_from_logs(student, log_q)
+    # log-probabilities differ from logits / T by a constant per row, which softmax ignores
+    target = torch.log_softmax((1.0 - t) * student + t * log_p, dim=-1)
+    return _kl_from_logs(target, log_q)
+
+
 PER_POSITION: dict[str, Callable[..., Tensor]] = {
     "forward_kl": forward_kl_pp,
     "reverse_kl": reverse_kl_pp,
@@ -125,6 +206,8 @@ PER_POSITION: dict[str, Callable[..., Tensor]] = {
     "skew_forward_kl": skew_forward_kl_pp,
     "skew_reverse_kl": skew_reverse_kl_pp,
     "tvd": tvd_pp,
+    "akl": akl_pp,
+    "taid_kl": taid_kl_pp,
 }
 
 
@@ -179,6 +262,47 @@ def tvd(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 
     return _divergence("tvd", student_logits, teacher_logits, temperature, mask)
 
 
+def akl(student_logits: Tensor, teacher_logits: Tensor, *, mu: float = 0.5, temperature: float = 1.0,
+        mask: Tensor | None = None) -> Tensor:
+    """Adaptive KL (AKL; Wu et al., "Rethinking Kullback-Leibler Divergence in Knowledge Distillation
+    for Large Language Models", COLING 2025), per position::
+
+        w_head * KL(p || q) + w_tail * KL(q || p),
+        w_head = g_head / (g_head + g_tail),  w_tail = g_tail / (g_head + g_tail),
+        g_head = sum over the head of |p - q|,  g_tail = sum over the tail of |p - q|,
+
+    where the head is the teacher's top tokens covering mass ``mu`` (see :func:`akl_weights` for the
+    exact rule, ties included) and the tail is the rest. The weights are constants (no gradient flows
+    through them, as in the paper), so the gradient w.r.t. ``u = student_logits / T`` is
+    ``w_head (q - p) + w_tail q (log q - log p - KL(q || p))``, not the derivative of the value.
+    Boundaries: ``mu = 1`` is forward KL exactly; as ``mu -> 0`` the head shrinks to the teacher's
+    most probable token(s), never to nothing; ``mu`` outside (0, 1] is a ValueError.
+
+    Written from the published definition (the paper's abstract is in the seed catalog; the formula
+    as the paper states it, recalled, not copied from any code). The head's boundary token, the one
+    whose mass crosses ``mu``, is in the head here ("covering mu"); the paper's own description may
+    count it in the tail: the two differ by that one token.
+    """
+    return _divergence("akl", student_logits, teacher_logits, temperature, mask, mu=mu)
+
+
+def taid_kl(student_logits: Tensor, teacher_logits: Tensor, *, t: float | None = None, temperature: float = 1.0,
+            mask: Tensor | None = None) -> Tensor:
+    """TAID's objective at interpolation ``t`` (Shing et al., "TAID: Temporally Adaptive Interpolated
+    Distillation for Efficient Knowledge Transfer in Language Models", ICLR 2025), per position::
+
+        p_t = softmax((1 - t) * stopgrad(student_logits / T) + t * teacher_logits / T),
+        KL(p_t || q),   q = softmax(student_logits / T).
+
+    The target holds the student constant, so the gradient w.r.t. ``student_logits / T`` is
+    ``q - p_t``: at ``t = 0`` the target is the student itself (value 0, gradient 0), at ``t = 1``
+    this is forward KL exactly. ``t`` is required, in [0, 1] (ValueError otherwise); the ``taid``
+    method moves it over training by TAID's adaptive schedule. Written from the published definition
+    of the interpolated target, not from any code.
+    """
+    return _divergence("taid_kl", student_logits, teacher_logits, temperature, mask, t=t)
+
+
 DIVERGENCES: dict[str, Callable[..., Tensor]] = {
     "forward_kl": forward_kl,
     "reverse_kl": reverse_kl,
@@ -186,4 +310,6 @@ DIVERGENCES: dict[str, Callable[..., Tensor]] = {
     "skew_forward_kl": skew_forward_kl,
     "skew_reverse_kl": skew_reverse_kl,
     "tvd": tvd,
+    "akl": akl,
+    "taid_kl": taid_kl,
 }

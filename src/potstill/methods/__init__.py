@@ -21,10 +21,11 @@ from potstill.methods.lm_kd import LMDistill
 from potstill.methods.ps_kd import PSKD
 from potstill.methods.rkd import RKD
 from potstill.methods.self_kd import SelfKD
+from potstill.methods.taid import TAID
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (CrossEntropy, KD, DKD, FitNet, AttentionTransfer, RKD, CRD, SelfKD, DML, PSKD,
-                               LMCrossEntropy, LMDistill, GKD)
+                               LMCrossEntropy, LMDistill, GKD, TAID)
 }
 
 

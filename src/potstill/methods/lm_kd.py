@@ -2,7 +2,7 @@
 
 ``lm_kd``: kd_weight * D(teacher || student) over response/text tokens + ce_weight * CE, for any
 divergence of potstill.losses (forward KL as in classic sequence KD, reverse KL as in MiniLLM,
-generalized JSD as in GKD, skew KL as in DistiLLM, TVD). No [tokens x vocab] tensor is ever
+generalized JSD as in GKD, skew KL as in DistiLLM, TVD, adaptive KL as in AKL). No [tokens x vocab] tensor is ever
 built, and the loss is normalised by the target tokens of the whole optimizer step
 (``batch.num_items``), so gradient accumulation does not change the objective. The teacher may
 give hidden states + LM head, sparse targets (top-k or sampled, e.g. from a store), logits, or an
@@ -25,7 +25,7 @@ from potstill.methods.lm_common import shifted
 from potstill.models.hf import lm_hidden_and_head
 from potstill.teachers.base import Capability, Need, TeacherOutput
 
-Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
+Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "akl"]
 _DENSE = frozenset({Capability.HIDDEN_HEAD, Capability.LOGITS, Capability.SPARSE_TOPK, Capability.MIXTURE})
 
 
@@ -59,6 +59,7 @@ class LMDistill(Method):
         temperature: float = Field(1.0, gt=0, description="Softmax temperature of both sides.")
         beta: float = Field(0.5, ge=0, le=1, description="jsd only: mixture weight of the teacher (0: forward KL, 1: reverse KL).")
         alpha: float = Field(0.1, ge=0, lt=1, description="skew KLs only: skew of the mixture.")
+        mu: float = Field(0.5, gt=0, le=1, description="akl only: teacher mass of the head (1: forward KL).")
         kd_weight: float = Field(1.0, gt=0, description="Weight of the divergence.")
         ce_weight: float = Field(0.0, ge=0, description="Weight of the hard-label cross-entropy on the same tokens.")
         chunk_size: int | None = Field(None, description="Rows per vocabulary chunk (null: from a fixed memory budget).")
@@ -78,6 +79,7 @@ class LMDistill(Method):
         teacher = teacher_source(batch, self.teacher.targets(batch))
         extra = {"beta": cfg.beta} if cfg.divergence == "jsd" else {}
         extra.update({"alpha": cfg.alpha} if cfg.divergence.startswith("skew") else {})
+        extra.update({"mu": cfg.mu} if cfg.divergence == "akl" else {})
         parts = linear_divergence_parts(
             rows, head, **teacher, student_bias=bias, divergence=cfg.divergence, temperature=cfg.temperature,
             ce_weight=cfg.ce_weight / cfg.kd_weight, labels=labels, num_items=batch.num_items,

@@ -49,7 +49,8 @@ Gradients w.r.t. the chunk logits come from one of two paths (the kernels live i
   with exact zero probabilities), the chunk is recomputed with the generic path, which reproduces
   the dense semantics exactly.
 * **generic**, for every other entry of :data:`potstill.losses.divergences.PER_POSITION`
-  (TVD, and anything registered later): the chunk logits become an autograd leaf, the
+  (TVD, AKL, TAID's interpolated KL, and anything registered later; per-row work such as AKL's
+  sort over the vocabulary stays inside the chunk): the chunk logits become an autograd leaf, the
   per-position function runs under ``torch.enable_grad()`` and ``torch.autograd.grad`` returns the
   gradient w.r.t. the chunk logits. New divergences added to ``PER_POSITION`` work automatically.
 
