@@ -12,6 +12,7 @@ from potstill.methods.base import Method
 from potstill.methods.ce import CrossEntropy
 from potstill.methods.crd import CRD
 from potstill.methods.dkd import DKD
+from potstill.methods.distillm import DistiLLM
 from potstill.methods.dml import DML
 from potstill.methods.fitnet import FitNet
 from potstill.methods.gkd import GKD
@@ -26,7 +27,7 @@ from potstill.methods.taid import TAID
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (CrossEntropy, KD, DKD, FitNet, AttentionTransfer, RKD, CRD, SelfKD, DML, PSKD,
-                               LMCrossEntropy, LMDistill, GKD, SeqKD, TAID)
+                               LMCrossEntropy, LMDistill, GKD, DistiLLM, SeqKD, TAID)
 }
 
 

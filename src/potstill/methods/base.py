@@ -19,6 +19,8 @@ What a method may add to a training step, each with a do-nothing default:
 * :meth:`Method.components`: state beyond ``state_dict`` (a replay buffer, EMA weights) that is
   saved in the same atomic checkpoint and restored exactly.
 * :meth:`Method.after_step`: work after each optimizer step (an EMA update, a buffer refresh).
+* :meth:`Method.after_evaluation`: the validation metrics, each time they are computed (a schedule
+  that follows the validation loss).
 """
 
 from __future__ import annotations
@@ -103,6 +105,9 @@ class Method(nn.Module):
 
     def after_step(self, step: int) -> None:
         """Called after every optimizer step, before evaluation and checkpointing."""
+
+    def after_evaluation(self, step: int, metrics: dict[str, float]) -> None:
+        """Called with the validation metrics after each evaluation, before the checkpoint."""
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         raise NotImplementedError

@@ -41,31 +41,36 @@ def stop_and_pad_ids(model: torch.nn.Module) -> tuple[list[int], int]:
     return [int(i) for i in eos], int(pad if pad is not None else (eos[0] if eos else 0))
 
 
+class RolloutConfig(LMDistill.Config):
+    """lm_kd's keys and those of the student's samples."""
+
+    sampling_temperature: float = Field(1.0, ge=0, description="Temperature of the rollouts (0: greedy); the "
+                                        "loss uses `temperature`.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass of the rollouts (1: off).")
+    max_new_tokens: int = Field(32, gt=0, description="Most tokens sampled per rollout (EOS ends one earlier).")
+    prompt_tokens: int = Field(16, gt=0, description="Prompt length for rows that are target from their first "
+                               "token (packed text): the student continues their first tokens.")
+
+
 class GKD(LMDistill):
     name = "gkd"
 
-    class Config(LMDistill.Config):
+    class Config(RolloutConfig):
         divergence: Divergence = Field("jsd", description="Token-level divergence (as lm_kd); GKD's default is the "
-                                "generalized JSD with beta.")
+                                       "generalized JSD with beta.")
         lmbda: float = Field(0.5, ge=0, le=1, description="Fraction of steps (drawn per step) that train on the "
                              "student's own samples; 0: off-policy lm_kd, 1: fully on-policy.")
         seq_kd: bool = Field(False, description="On the other steps, train on the teacher's samples of the prompts "
                              "(sequence-level KD) instead of the dataset's sequences.")
-        sampling_temperature: float = Field(1.0, ge=0, description="Temperature of the rollouts (0: greedy); the "
-                                            "loss uses `temperature`.")
-        top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass of the rollouts (1: off).")
-        max_new_tokens: int = Field(32, gt=0, description="Most tokens sampled per rollout (EOS ends one earlier).")
-        prompt_tokens: int = Field(16, gt=0, description="Prompt length for rows that are target from their first "
-                                   "token (packed text): the student continues their first tokens.")
 
     @classmethod
     def needs(cls, config: Config) -> list[Need]:
-        return [*super().needs(config), SCORE_NEED, *([GENERATE_NEED] if config.seq_kd else [])]
+        return [*super().needs(config), SCORE_NEED, *([GENERATE_NEED] if getattr(config, "seq_kd", False) else [])]
 
     def setup(self, sample_batch: TokenBatch) -> None:
         self.stop_ids, self.pad_id = stop_and_pad_ids(self.student)
         if not self.stop_ids:
-            raise UserError("gkd samples from the student, but its generation config has no eos_token_id: a rollout "
+            raise UserError(f"{self.name} samples from the student, but its generation config has no eos_token_id: a rollout "
                             "could not stop; set student.generation_config.eos_token_id")
 
     def prepare_step(self, step: int, micro_batches: list[TokenBatch]) -> list[TokenBatch]:

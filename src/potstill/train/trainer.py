@@ -166,6 +166,7 @@ def train(method: Method, *, batches: Batches, evaluate: Callable[[], dict[str, 
         if step % cfg.eval_every == 0 or step == cfg.steps:
             method.eval()
             metrics = evaluate()
+            method.after_evaluation(step, metrics)
             method.train()
             log.write({"step": step, **metrics})
             value = metrics[selection]
