@@ -128,6 +128,30 @@ def store(
     console.print(f"train from it: potstill distill {recipe}{sets} --set teacher.store={out}", highlight=False)
 
 
+@app.command()
+def serve(
+    model: str = typer.Argument(..., help="Built-in model name, a Hugging Face model folder, or a recipe (name or "
+                                "YAML) whose LM teacher to serve (a 'tiny' teacher is trained once and kept)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    port: int = typer.Option(8000, "--port", help="Port to listen on."),
+    max_logprobs: int = typer.Option(20, "--max-logprobs", help="Most log-probs per position a request may ask "
+                                     "for (-1: no limit), as vLLM's option of that name."),
+    served_model_name: Optional[str] = typer.Option(None, "--served-model-name", help="Name in /v1/models "
+                                                    "(default: MODEL as given)."),
+    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="Require the API key held in this "
+                                              "environment variable (bearer token) on /v1/ requests."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads (default: torch's)."),
+    set_: List[str] = typer.Option([], "--set", help="Override a key of a recipe MODEL (repeatable)."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Serve a causal LM with the OpenAI completions API subset a served teacher uses (vLLM's JSON shapes)."""
+    DEBUG["on"] = debug
+    from potstill.app.serve import serve as run_serve
+
+    run_serve(model, host=host, port=port, max_logprobs=max_logprobs, served_model_name=served_model_name,
+              api_key_env=api_key_env, overrides=list(set_), threads=threads, console=console)
+
+
 @app.command(name="cache", hidden=True, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def cache_renamed() -> None:
     """Renamed to `potstill store`."""

@@ -42,6 +42,8 @@ from potstill.tasks.keep import freeze, keep_once, kept_dir, load_kept
 from potstill.tasks.lm_config import LMRecipe, LMTeacherConfig
 from potstill.tasks.lm_data import build_lm_data, documents
 from potstill.tasks.lm_ensemble import check_one_tokenizer, lm_member_configs, member_label
+from potstill.tasks.lm_served import (check_served_recipe, prepare_served, served_note, served_spec,
+                                      served_teacher_report, teacher_for)
 from potstill.tasks.registry import OnStep, OnStepFactory, TaskBase, register_task
 from potstill.teachers.base import TeacherSpec
 from potstill.teachers.lm import LMTeacher
@@ -67,6 +69,8 @@ class LMTask(TaskBase):
         self.member_cfgs = lm_member_configs(recipe.teacher)  # [teacher] without an ensemble
         if self.member_cfgs[0].model == "tiny" and recipe.data.chat_prompts:
             raise UserError("teacher.model='tiny' cannot answer prompts; set data.chat_prompts=0")
+        if recipe.teacher.url:
+            check_served_recipe(recipe)
         self.store = StoreReader(recipe.teacher.store) if recipe.teacher.store else None
         if self.store is not None:
             check_setup(self.store.manifest, self.store.folder, task="lm")
@@ -77,6 +81,8 @@ class LMTask(TaskBase):
     # ---------------------------------------------------------------- data and teacher
 
     def teacher_spec(self) -> TeacherSpec:
+        if self.recipe.teacher.url:
+            return served_spec(self.recipe.teacher)
         if self.store is not None:
             return TeacherSpec(f"store {self.store.folder} ({self.store.describe()})",
                                StoreTeacher(self.store).capabilities)
@@ -110,6 +116,8 @@ class LMTask(TaskBase):
     def prepare_teacher(self, on_step_factory: OnStepFactory) -> None:
         if self.store is not None:
             return self._prepare_from_store()
+        if self.recipe.teacher.url:
+            return prepare_served(self, on_step_factory)
         cfgs = self.member_cfgs
         if cfgs[0].model == "tiny":
             self.tokenizer, model = self._tokenizer(), None
@@ -185,6 +193,16 @@ class LMTask(TaskBase):
                     num_examples=len(self.train_set), heldout_fingerprint=self.test_set.fingerprint())
         model = self._store_student_source()
         check_setup(m, store.folder, vocab_size=int(model.get_output_embeddings().weight.shape[0]))
+        self._keep_student_source(model)
+        del model
+        store.verify()
+        self.reused = False
+        self.teacher_targets = f"offline store {store.folder} (format {store.describe()})"
+        self.teacher = StoreTeacher(store, f"{cfg.model} via teacher store {store.folder} ({store.describe()})")
+
+    def _keep_student_source(self, model: torch.nn.Module) -> None:
+        """Keep what builds the students without a teacher model: their initial weights (teacher_layers) or
+        the architecture alone."""
         s = self.recipe.student
         if s.init == "teacher_layers":
             try:
@@ -196,11 +214,6 @@ class LMTask(TaskBase):
             self._student_skeleton = None
         else:
             self._student_skeleton = model.to("meta")  # class and config only: the weights are freed
-        del model
-        store.verify()
-        self.reused = False
-        self.teacher_targets = f"offline store {store.folder} (format {store.describe()})"
-        self.teacher = StoreTeacher(store, f"{cfg.model} via teacher store {store.folder} ({store.describe()})")
 
     def _store_student_source(self) -> torch.nn.Module:
         """The teacher's architecture (and, for teacher_layers init, its weights), read once."""
@@ -222,7 +235,7 @@ class LMTask(TaskBase):
         if self._student_template is not None:  # teacher_layers copies every tensor: the seed plays no part
             student = copy.deepcopy(self._student_template)
         else:
-            source = self.teacher_model if self.store is None else self._student_skeleton
+            source = self.teacher_model if self.teacher_model is not None else self._student_skeleton
             try:
                 student = make_student(source, num_layers=s.num_layers, hidden_size=s.hidden_size,
                                        intermediate_size=s.intermediate_size, num_heads=s.num_heads, init=s.init,
@@ -264,6 +277,8 @@ class LMTask(TaskBase):
 
     def teacher_report(self) -> dict:
         ev = self.recipe.eval
+        if self.recipe.teacher.url:
+            return served_teacher_report(self)
         if self.store is not None:
             entry = dict(self.store.manifest.teacher_report or {})
             self.teacher_generations = list(entry.pop("generations", []))[:ev.generations]
@@ -300,6 +315,8 @@ class LMTask(TaskBase):
 
     @classmethod
     def store_recipe(cls, recipe: LMRecipe) -> LMRecipe:
+        if recipe.teacher.url:
+            raise UserError("`potstill store` from a served teacher is not supported yet; drop teacher.url")
         recipe = recipe.model_copy(deep=True)
         recipe.teacher.precompute = False  # the store is the precomputation
         return recipe
@@ -367,7 +384,7 @@ class LMTask(TaskBase):
         method_cls = method_class(cfg.method, where=f"students.{name}.method")
         method_cfg = method_config(cfg.method, cfg.params, where=f"students.{name}")
         student = self._new_student(seed)
-        teacher = self.teacher if method_cls.uses_teacher(method_cfg) else None
+        teacher = teacher_for(self.teacher, method_cfg) if method_cls.uses_teacher(method_cfg) else None
         method = method_cls(student, teacher, method_cfg, num_classes=len(self.tokenizer), num_train=len(self.train_set))
         batches = TokenBatches(self.train_set, recipe.train.batch_size, recipe.train.grad_accum, seed)
         method.setup(batches.batch(0))
@@ -423,7 +440,7 @@ class LMTask(TaskBase):
             "notes": [
                 f"teacher: {self.teacher.description}; student: {r.student.num_layers} layers, init={r.student.init}"
                 + (" (from member 0's layers)" if len(self.teacher_models) > 1 and r.student.init == "teacher_layers" else ""),
-                self._store_note() if self.store is not None else
+                self._store_note() if self.store is not None else served_note(self) if r.teacher.url else
                 "teacher final hidden states were computed once over the training set (text has no augmentation, "
                 "so they equal a per-step teacher forward)" if r.teacher.precompute else "teacher ran every step",
                 "every student has the same architecture, steps, batch and optimizer as the baseline",

@@ -8,6 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from potstill.config import RecipeBase, Strict, StudentConfig, TrainConfig, absolute_path
 from potstill.tasks.teacher_ensemble import EnsembleRuleConfig
+from potstill.teachers.served.config import ServedTeacherKeys
 
 
 class LMEnsembleMemberConfig(Strict):
@@ -30,7 +31,7 @@ class LMEnsembleConfig(EnsembleRuleConfig):
                                                   "student.init='teacher_layers', the students' initial layers.")
 
 
-class LMTeacherConfig(Strict):
+class LMTeacherConfig(ServedTeacherKeys):  # teacher.url and its settings: a served teacher (docs/served.md)
     renamed = {"cache": "store"}
 
     model: str = Field("smollm2-135m-instruct", description="Built-in model name, a local Hugging Face causal-LM directory, or 'tiny' (a small Llama trained in the run).")

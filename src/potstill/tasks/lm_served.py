@@ -1,0 +1,101 @@
+"""The LM task with its teacher behind a server (``teacher.url``; docs/served.md).
+
+The run needs the teacher's tokenizer and architecture locally (``teacher.model``, as with
+``teacher.store``): the data are tokenized here, the students are built from the architecture, and
+``student.init=teacher_layers`` copies the local weights once; chat prompts, if any, are answered by
+the local model too (kept in the generations cache). Every training sequence is scored by the server
+(``prompt_logprobs``, top ``teacher.top_k`` + tail); with ``teacher.precompute`` (the default) the
+whole training split is scored before the first step. Answers are kept in
+``$POTSTILL_CACHE_DIR/served`` (:mod:`potstill.teachers.served.cache`), so a rerun or a resumed run asks
+the server only for what it has not answered yet. Held-out numbers: the students' perplexity, and the
+teacher's from the server's log-prob of each actual token; there is no kl_to_teacher or agreement
+(they need the teacher's full distribution).
+"""
+
+from __future__ import annotations
+
+import math
+
+
+
+from potstill.core.errors import UserError
+from potstill.core.paths import cache_dir
+from potstill.data.tokens import TokenSplit
+from potstill.tasks.lm_data import build_lm_data
+from potstill.teachers.base import Capability, TeacherSpec
+
+
+def served_spec(cfg) -> TeacherSpec:
+    return TeacherSpec(f"{cfg.served_model or cfg.model} served at {cfg.url}",
+                       frozenset({Capability.SPARSE_TOPK, Capability.SCORE_NEW}))
+
+
+def check_served_recipe(recipe) -> None:
+    if recipe.teacher.store:
+        raise UserError("teacher.url and teacher.store both name where the teacher's targets come from; keep one")
+
+
+def prepare_served(task, on_step_factory) -> None:
+    """Data, the students' source and a connected :class:`ServedTeacher` (see the module doc)."""
+    from potstill.teachers.served.teacher import ServedTeacher
+
+    cfg, data = task.recipe.teacher, task.recipe.data
+    task.tokenizer = task._tokenizer()
+    if cfg.model == "tiny":  # the kept tiny teacher is found by its data: data first
+        task._use_data(build_lm_data(data, task.tokenizer, None))
+        model = task._store_student_source()
+    else:
+        model = task._store_student_source()
+        task._use_data(build_lm_data(data, task.tokenizer, task._answer(model) if data.chat_prompts else None))
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    task._keep_student_source(model)
+    del model
+    teacher = ServedTeacher.connect(cfg, task.tokenizer, vocab, cache_dir() / "served")
+    first = task.train_set.view(slice(0, 1))
+    teacher.probe(first.input_ids[0, :int(first.attention_mask.sum())].tolist())
+    if cfg.precompute:
+        teacher.prefetch(task.train_set.input_ids, task.train_set.attention_mask,
+                         on_step=on_step_factory("teacher targets", len(task.train_set)))
+    task.teacher, task.teacher_model, task.reused = teacher, None, False
+    task.teacher_targets = f"served by {cfg.url} (model {teacher.model}, top-{cfg.top_k} prompt log-probs + tail)"
+
+
+def teacher_for(teacher, method_cfg):
+    """The teacher at the student's temperature (a served teacher recomputes its targets; others are as given)."""
+    at = getattr(teacher, "at", None)
+    return at(float(method_cfg.temperature)) if at is not None and hasattr(method_cfg, "temperature") else teacher
+
+
+def served_teacher_report(task) -> dict:
+    """The teacher's held-out perplexity from the server (the log-prob of every actual label token)."""
+    teacher = task.teacher
+    perplexity = _served_perplexity(teacher, task.test_set)
+    task.teacher_generations = []
+    return {"description": teacher.description, "reused": False,
+            "served": {"url": teacher.url, "model": teacher.model, "root": teacher.root, "top_k": teacher.k,
+                       **teacher.counts},
+            "metrics": {"perplexity": {"mean": perplexity, "std": 0.0, "values": [perplexity]}}}
+
+
+def _served_perplexity(teacher, split: TokenSplit) -> float:
+    total, count = 0.0, 0
+    for start in range(0, len(split), 32):
+        view = split.view(slice(start, start + 32))
+        for row, labels in zip(teacher.score_rows(view.input_ids, view.attention_mask), view.labels):
+            if row is None:
+                continue
+            keep = labels[1:len(row.actual) + 1] != -100
+            total -= float(row.actual[keep].double().sum())
+            count += int(keep.sum())
+    return math.exp(total / count) if count else float("nan")
+
+
+def served_note(task) -> str:
+    teacher = task.teacher
+    return (f"teacher targets came from {teacher.url} (model {teacher.model}): the top {teacher.k} T=1 prompt "
+            "log-probs of every position plus the tail mass; targets at T != 1 estimate the tail (docs/served.md); "
+            "answers are kept in the response cache (teacher.served in report.json counts those asked and those "
+            "read back); no teacher model was in memory during training; no kl_to_teacher or agreement (they need "
+            "the full teacher distribution)")
+
+
