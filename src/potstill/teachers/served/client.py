@@ -41,6 +41,7 @@ class ServedClient:
     def __init__(self, url: str, *, timeout_s: float, max_retries: int, api_key_env: str, connections: int = 4):
         httpx, _ = _require()
         self.url, self.timeout_s, self.max_retries = url, timeout_s, max_retries
+        self.aborted = False
         key = os.environ.get(api_key_env)
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._http = httpx.Client(base_url=url, timeout=timeout_s, headers=headers,
@@ -48,6 +49,11 @@ class ServedClient:
 
     def close(self) -> None:
         self._http.close()
+
+    def abort(self) -> None:
+        """No more retries, here or in other threads (a request already sent still runs to its timeout):
+        once one request has failed for good the run ends, and it should not wait for the others' retries."""
+        self.aborted = True
 
     def get(self, path: str) -> Any:
         return self._call("GET", path, None)
@@ -58,7 +64,8 @@ class ServedClient:
     def _call(self, method: str, path: str, body: dict | None) -> Any:
         _, tenacity = _require()
         retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type(Transient), stop=tenacity.stop_after_attempt(self.max_retries + 1),
+            retry=tenacity.retry_if_exception_type(Transient),
+            stop=tenacity.stop_any(tenacity.stop_after_attempt(self.max_retries + 1), lambda _: self.aborted),
             wait=tenacity.wait_exponential(**_WAIT), before_sleep=self._announce(path), reraise=True)
         try:
             return retrying(self._once, method, path, body)

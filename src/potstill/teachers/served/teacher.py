@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -102,9 +102,16 @@ class ServedTeacher:
     def score_rows(self, input_ids: Tensor, attention_mask: Tensor) -> list[Scored | None]:
         """Every row's unpadded tokens scored, ``concurrency`` requests at a time (None: under 2 tokens)."""
         sequences = [_unpadded(ids, mask) for ids, mask in zip(input_ids.tolist(), attention_mask.tolist())]
-        distinct = list(dict.fromkeys(tuple(s) for s in sequences if len(s) > 1))  # one request per sequence
-        answers = dict(zip(distinct, self._shared.pool.map(lambda s: self.score(list(s)), distinct)))
-        return [answers.get(tuple(s)) for s in sequences]
+        distinct = dict.fromkeys(tuple(s) for s in sequences if len(s) > 1)  # one request per sequence
+        futures = {s: self._shared.pool.submit(self.score, list(s)) for s in distinct}
+        done, _ = wait(futures.values(), return_when=FIRST_EXCEPTION)
+        error = next((f.exception() for f in done if f.exception() is not None), None)
+        if error is not None:  # the run ends here: drop the queued requests, stop the others' retries
+            for future in futures.values():
+                future.cancel()
+            self._shared.client.abort()
+            raise error
+        return [futures[tuple(s)].result() if tuple(s) in futures else None for s in sequences]
 
     def prefetch(self, input_ids: Tensor, attention_mask: Tensor, batch_size: int = 32,
                  on_step: Callable[[int, dict], None] | None = None) -> None:

@@ -1,0 +1,124 @@
+"""Training from a served teacher, end to end: a run equals one from a top-k store of the same teacher;
+a server killed mid-run and restarted, or one that stops answering, leaves the same final weights as
+an uninterrupted run (after bounded retries, or after an exit-2 error and --resume)."""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import potstill
+from potstill.app.run import run_recipe
+from potstill.app.store import store_source
+from potstill.store.writer import build_store
+from potstill.tasks import load_recipe
+
+from served_helpers import FaultProxy, in_session_cache, session_cache, shared_server
+
+K = 8
+WEIGHTS = Path("students/forward_kl/seed_0/student.safetensors")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    return shared_server(tmp_path_factory.getbasetemp())
+
+
+def served(url: str, **keys) -> list[str]:
+    return [f"teacher.url={url}", f"teacher.top_k={K}", *(f"teacher.{k}={v}" for k, v in keys.items())]
+
+
+def forget_answers() -> Path:
+    """Empty the response cache, so the next run asks the server for everything."""
+    folder = Path(session_cache()) / "served"
+    shutil.rmtree(folder, ignore_errors=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(server, tmp_path_factory) -> dict:
+    """An uninterrupted run from the served teacher, targets scored step by step (precompute off)."""
+    forget_answers()
+    run = tmp_path_factory.mktemp("served-runs") / "reference"
+    with in_session_cache():
+        run_recipe(load_recipe(str(server.recipe), served(server.url, precompute=False)), run)
+    return load_file(str(run / WEIGHTS))
+
+
+def assert_same_weights(run: Path, reference: dict) -> None:
+    weights = load_file(str(run / WEIGHTS))
+    assert weights.keys() == reference.keys()
+    assert all(torch.equal(weights[k], reference[k]) for k in weights)
+
+
+def test_a_served_run_matches_a_topk_store_run(server, reference, tmp_path):
+    with in_session_cache():
+        build_store(store_source(load_recipe(str(server.recipe))), tmp_path / "store", fmt="topk", k=K,
+                    temperature=1.0, seed=0, shard_size=32)
+        from_store = run_recipe(load_recipe(str(server.recipe), [f"teacher.store={tmp_path / 'store'}"]),
+                                tmp_path / "store-run")
+        from_server = run_recipe(load_recipe(str(server.recipe), served(server.url)), tmp_path / "served-run")
+    assert_same_weights(tmp_path / "served-run", reference)  # precompute on or off: the same targets
+    stored, weights = load_file(str(tmp_path / "store-run" / WEIGHTS)), load_file(str(tmp_path / "served-run" / WEIGHTS))
+    # the store keeps fp16 log-probs and tail, the server sends fp32: equal up to that rounding
+    for name in weights:
+        torch.testing.assert_close(weights[name], stored[name], rtol=1e-3, atol=1e-4)
+    ppl = lambda report: report["students"]["forward_kl"]["metrics"]["perplexity"]["mean"]  # noqa: E731
+    assert abs(ppl(from_server) / ppl(from_store) - 1) < 1e-4
+    assert from_server["teacher"]["served"]["top_k"] == K
+    assert abs(from_server["teacher"]["metrics"]["perplexity"]["mean"]
+               / from_store["teacher"]["metrics"]["perplexity"]["mean"] - 1) < 1e-5
+
+
+@pytest.mark.slow  # about 16 s: a distill subprocess, and the server started again
+def test_a_server_killed_mid_run_and_restarted(server, reference, tmp_path):
+    answers = forget_answers()
+    run = tmp_path / "run"
+    args = [f"--set={item}" for item in served(server.url, precompute=False, max_retries=10)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "potstill", "distill", str(server.recipe), "--out", str(run),
+                                *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not any(answers.rglob("*.safetensors")) and process.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        server.kill()
+        time.sleep(1)
+    finally:
+        server.start()  # the same port: the run's retries reach it again
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "retry 1 of 10" in stderr  # it did lose the server
+    assert_same_weights(run, reference)
+
+
+@pytest.mark.slow  # about 12 s: a distill subprocess that waits out its deadline, then the resumed run
+def test_a_server_that_stops_answering_then_resume(server, reference, tmp_path):
+    forget_answers()
+    run = tmp_path / "run"
+    with FaultProxy(server.url) as proxy:
+        proxy.mode, proxy.budget = "pass_then_hang", 5  # the probe and the first batch, then silence
+        failed = potstill("distill", str(server.recipe), "--out", str(run),
+                          *(f"--set={item}" for item in served(proxy.url, precompute=False, timeout_s=1,
+                                                               max_retries=1)))
+        assert failed.returncode == 2 and "Traceback" not in failed.stderr
+        last = failed.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: teacher server") and "gave no answer to /v1/completions after 2" in last
+        proxy.mode = "pass"
+        with in_session_cache():
+            run_recipe(None, run, resume=True)
+    assert_same_weights(run, reference)
+
+
+def test_a_wrong_model_name_is_one_line_and_exit_2(server, tmp_path):
+    result = potstill("distill", str(server.recipe), "--out", str(tmp_path / "run"),
+                      *(f"--set={item}" for item in served(server.url, served_model="nope")))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: teacher server")
+    assert "not 'nope' (teacher.served_model)" in result.stderr
