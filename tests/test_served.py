@@ -120,22 +120,25 @@ def test_served_topk_targets_equal_the_local_teachers(server, local, tmp_path):
 
 
 def test_temperature_is_applied_on_our_side():
-    """Exact at T = 1 and with k = V; at T != 1 within the bounds of what the top-k allow."""
+    """Exact at T = 1 and with k = V; at T != 1 exact for a power-law tail (up to the midpoint rule of its
+    sums), and otherwise within the bounds of what the top-k allow."""
     torch.manual_seed(0)
     logits = torch.randn(200, 50, dtype=torch.float64) * 3
     top = topk(logits, 5)
-    log_top = top.weights.log()
-    weights, tail = at_temperature(log_top, 50, 1.0)
+    weights, tail = at_temperature(top.weights.log(), 50, 1.0)
     torch.testing.assert_close(tail, top.tail)
+    zipf = -1.3 * torch.arange(1, 5001, dtype=torch.float64).log().unsqueeze(0)  # p_r proportional to r^-1.3
     for temperature in (0.5, 2.0):
-        exact = topk(logits, 5, temperature=temperature)
-        full = at_temperature(torch.log_softmax(logits, -1).sort(descending=True).values, 50, temperature)[0]
-        torch.testing.assert_close(full, torch.softmax(logits / temperature, -1).sort(descending=True).values)
-        low, high = tail_bounds(log_top, 50, temperature)
-        assert bool((low <= exact.tail + 1e-12).all() and (exact.tail <= high + 1e-12).all())
-    flat = torch.cat([torch.tensor([4.0, 3.0, 2.0]), torch.zeros(47)]).double()  # a flat tail: the estimate is exact
-    estimate = at_temperature(torch.log_softmax(flat, -1)[:3], 50, 2.0)
-    torch.testing.assert_close(estimate[0], torch.softmax(flat / 2, -1)[:3])
+        everything = torch.log_softmax(logits, -1).sort(descending=True).values
+        torch.testing.assert_close(at_temperature(everything, 50, temperature)[0],
+                                   torch.softmax(logits / temperature, -1).sort(descending=True).values)
+        low, high = tail_bounds(top.weights.log(), 50, temperature)
+        estimate = at_temperature(top.weights.log(), 50, temperature)[1]
+        assert bool((low <= estimate + 1e-9).all() and (estimate <= high + 1e-9).all())
+        exact = topk(zipf, 5, temperature=temperature)
+        weights, tail = at_temperature(topk(zipf, 5).weights.log(), 5000, temperature)
+        torch.testing.assert_close(weights, exact.weights, rtol=0, atol=5e-4)
+        torch.testing.assert_close(tail, exact.tail, rtol=0, atol=5e-4)
 
 
 def test_answers_are_cached_and_never_asked_again(server, local, tmp_path, monkeypatch):
