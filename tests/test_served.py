@@ -148,7 +148,7 @@ def test_answers_are_cached_and_never_asked_again(server, local, tmp_path, monke
         assert proxy.completions == 4 and proxy.authorization == {"Bearer key-that-must-not-leak"}
         again = connect(proxy.url, local, tmp_path)
         second = again.targets(rows(local)).sparse
-        assert proxy.completions == 4 and again.counts == {"asked": 0, "from_cache": 4}
+        assert proxy.completions == 4 and again.counts == {"asked": 0, "read_from_cache": 4}
     assert torch.equal(first.weights, second.weights) and torch.equal(first.tail, second.tail)
     files = list((tmp_path / "responses").rglob("*"))
     assert sum(f.suffix == ".safetensors" for f in files) == 4

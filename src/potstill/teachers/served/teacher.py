@@ -35,11 +35,10 @@ from potstill.teachers.served.sparse import batch_targets
 
 @dataclasses.dataclass
 class _Shared:
-    """What every temperature view of one served teacher shares: the connection, the caches, the counts."""
+    """What every temperature view of one served teacher shares: the connection, the cache, the counts."""
 
     client: ServedClient
     cache: ResponseCache
-    memory: dict[str, Scored]
     strings: Callable[[int], set[str]]
     pool: ThreadPoolExecutor
     asked: int = 0
@@ -64,7 +63,7 @@ class ServedTeacher:
         model, root = _pick_model(client.get("/v1/models"), cfg.served_model, cfg.url)
         if cfg.top_k > vocab_size:
             raise UserError(f"teacher.top_k={cfg.top_k} exceeds the vocabulary of {vocab_size}")
-        shared = _Shared(client, ResponseCache(cache_folder), {}, _token_strings(tokenizer),
+        shared = _Shared(client, ResponseCache(cache_folder), _token_strings(tokenizer),
                          ThreadPoolExecutor(cfg.concurrency, thread_name_prefix="served-teacher"))
         return cls(shared, model=model, root=root, k=cfg.top_k, vocab_size=vocab_size)
 
@@ -75,8 +74,8 @@ class ServedTeacher:
 
     @property
     def counts(self) -> dict[str, int]:
-        """Sequences scored by the server, and those read back from the response cache, so far."""
-        return {"asked": self._shared.asked, "from_cache": self._shared.cached}
+        """Sequences scored by the server, and reads of the response cache (every later use of an answer), so far."""
+        return {"asked": self._shared.asked, "read_from_cache": self._shared.cached}
 
     # ---------------------------------------------------------------- scoring
 
@@ -85,18 +84,16 @@ class ServedTeacher:
         self._ask(tokens)
 
     def score(self, tokens: list[int]) -> Scored:
-        """The server's top-k for one sequence: from memory, the disk cache, or the server (then kept)."""
+        """The server's top-k for one sequence: from the disk cache, or from the server (then kept). Nothing is
+        held in memory: a training split's answers can outgrow it, and reading one file back is cheap."""
         shared, key = self._shared, cache_key(self.model, self.root, self.k, tokens)
-        found = shared.memory.get(key)
+        found = shared.cache.get(key, tokens)
         if found is None:
-            found = shared.cache.get(key, tokens)
-            if found is None:
-                found = self._ask(tokens)
-                shared.cache.put(key, tokens, found)
-                shared.asked += 1
-            else:
-                shared.cached += 1
-            shared.memory[key] = found
+            found = self._ask(tokens)
+            shared.cache.put(key, tokens, found)
+            shared.asked += 1
+        else:
+            shared.cached += 1
         return found
 
     def score_rows(self, input_ids: Tensor, attention_mask: Tensor) -> list[Scored | None]:
