@@ -53,7 +53,7 @@ def free_port() -> int:
 
 
 def write_served_recipe(folder: Path) -> Path:
-    """smollm2-smoke made small: a tiny teacher of 30 steps, 4 student steps of 4 sequences."""
+    """smollm2-smoke made small: a tiny teacher of 30 steps, 6 student steps of 4 sequences."""
     data = load_recipe_data("smollm2-smoke")
     data["name"] = "served-test"
     data["teacher"]["train"] = {"steps": 30, "batch_size": 16, "lr": 0.005, "warmup_steps": 5, "eval_every": 15,

@@ -19,6 +19,7 @@ from potstill.teachers.served.sparse import at_temperature, tail_bounds
 from potstill.teachers.served.teacher import ServedTeacher
 from potstill.models.hf import lm_hidden_and_head, logits_from_hidden
 
+from helpers import potstill
 from served_helpers import FaultProxy, free_port, in_session_cache, shared_server
 
 K = 8
@@ -101,6 +102,26 @@ def test_api_key_is_required_when_set(local, monkeypatch):
     assert client.get("/v1/models").status_code == 401
     assert client.get("/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
     assert client.get("/health").status_code == 200
+
+
+def test_serve_refuses_an_unknown_model_in_one_line():
+    result = potstill("serve", "no-such-model")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and "is neither a built-in model" in lines[0], result.stderr
+
+
+def test_refusals_before_anything_runs(server):
+    from potstill.app.serve import _check_port
+    from potstill.app.store import store_source
+
+    with pytest.raises(UserError, match=f"cannot listen on 127.0.0.1:{server.port}"):
+        _check_port("127.0.0.1", server.port)
+    with pytest.raises(UserError, match="`potstill store` from a served teacher is not supported yet"):
+        store_source(load_recipe(str(server.recipe), [f"teacher.url={server.url}"]))
+    with pytest.raises(UserError, match="not in teacher.url"):
+        load_recipe(str(server.recipe), ["teacher.url=http://user:pw@127.0.0.1:1"])
+    with pytest.raises(UserError, match="teacher.url and teacher.store"):
+        LMTask(load_recipe(str(server.recipe), [f"teacher.url={server.url}", f"teacher.store={server.recipe.parent}"]))
 
 
 # ---------------------------------------------------------------- targets
