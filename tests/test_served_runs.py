@@ -22,6 +22,7 @@ from potstill.tasks import load_recipe
 from served_helpers import FaultProxy, in_session_cache, session_cache, shared_server
 
 K = 8
+SECRET = "sk-test-never-written"
 WEIGHTS = Path("students/forward_kl/seed_0/student.safetensors")
 
 
@@ -51,13 +52,20 @@ def reference(server, tmp_path_factory) -> dict:
     return load_file(str(run / WEIGHTS))
 
 
+def assert_no_secret(*folders: Path) -> None:
+    """The API key is in no file the run wrote (config.yaml, logs, report, the response cache)."""
+    files = [f for folder in folders for f in folder.rglob("*") if f.is_file()]
+    assert files and not any(SECRET.encode() in f.read_bytes() for f in files)
+
+
 def assert_same_weights(run: Path, reference: dict) -> None:
     weights = load_file(str(run / WEIGHTS))
     assert weights.keys() == reference.keys()
     assert all(torch.equal(weights[k], reference[k]) for k in weights)
 
 
-def test_a_served_run_matches_a_topk_store_run(server, reference, tmp_path):
+def test_a_served_run_matches_a_topk_store_run(server, reference, tmp_path, monkeypatch):
+    monkeypatch.setenv("POTSTILL_API_KEY", SECRET)
     with in_session_cache():
         build_store(store_source(load_recipe(str(server.recipe))), tmp_path / "store", fmt="topk", k=K,
                     temperature=1.0, seed=0, shard_size=32)
@@ -72,6 +80,7 @@ def test_a_served_run_matches_a_topk_store_run(server, reference, tmp_path):
     ppl = lambda report: report["students"]["forward_kl"]["metrics"]["perplexity"]["mean"]  # noqa: E731
     assert abs(ppl(from_server) / ppl(from_store) - 1) < 1e-4
     assert from_server["teacher"]["served"]["top_k"] == K
+    assert_no_secret(tmp_path / "served-run", Path(session_cache()) / "served")
     assert abs(from_server["teacher"]["metrics"]["perplexity"]["mean"]
                / from_store["teacher"]["metrics"]["perplexity"]["mean"] - 1) < 1e-5
 
@@ -116,9 +125,11 @@ def test_a_server_that_stops_answering_then_resume(server, reference, tmp_path):
     assert_same_weights(run, reference)
 
 
-def test_a_wrong_model_name_is_one_line_and_exit_2(server, tmp_path):
+def test_a_wrong_model_name_is_one_line_and_exit_2(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("POTSTILL_API_KEY", SECRET)
     result = potstill("distill", str(server.recipe), "--out", str(tmp_path / "run"),
                       *(f"--set={item}" for item in served(server.url, served_model="nope")))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: teacher server")
-    assert "not 'nope' (teacher.served_model)" in result.stderr
+    assert "not 'nope' (teacher.served_model)" in result.stderr and SECRET not in result.stderr
+    assert_no_secret(tmp_path / "run")
