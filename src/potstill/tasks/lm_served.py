@@ -36,7 +36,9 @@ def check_served_recipe(recipe) -> None:
 
 
 def prepare_served(task, on_step_factory) -> None:
-    """Data, the students' source and a connected :class:`ServedTeacher` (see the module doc)."""
+    """Data, the students' source and a connected :class:`ServedTeacher` (see the module doc). This is
+    :meth:`LMTask.prepare_teacher` for ``teacher.url``, kept here so the task module stays small; it uses
+    the task's own steps, as its store path does."""
     from potstill.teachers.served.teacher import ServedTeacher
 
     cfg, data = task.recipe.teacher, task.recipe.data

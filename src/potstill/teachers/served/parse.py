@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, NoReturn
 
 import torch
 from torch import Tensor
@@ -77,8 +77,8 @@ def parse_completion(body: Any, *, tokens: list[int], k: int, model: str, vocab_
     return scored, decoded
 
 
-def _failer(where: str):
-    def fail(message: str):
+def _failer(where: str) -> Callable[[str], NoReturn]:
+    def fail(message: str) -> NoReturn:
         raise ServedAnswerError(f"teacher server {where}: {message}")
     return fail
 
