@@ -87,7 +87,7 @@ def temperature_errors(model, ids: torch.Tensor, rows, k: int, vocab: int, tempe
         weights, tail = at_temperature(row.log_probs, vocab, temperature)
         scaled = row.log_probs.double() / temperature  # an even tail: S_T = (V - k)^(1 - 1/T) tau^(1/T)
         even = torch.cat([scaled, ((1 - 1 / temperature) * math.log(vocab - k)
-                                   + torch.log(tail_mass(row.log_probs)) / temperature).unsqueeze(-1)], dim=-1)
+                                   + torch.log(tail_mass(row.log_probs, vocab)) / temperature).unsqueeze(-1)], dim=-1)
         candidates = {"tv": torch.cat([weights, tail.unsqueeze(-1)], dim=-1), "tv_even": torch.softmax(even, dim=-1),
                       "tv_renormalised": torch.cat([torch.softmax(scaled, -1), torch.zeros_like(tail)[:, None]], -1)}
         for name, estimate in candidates.items():

@@ -162,6 +162,23 @@ def test_temperature_is_applied_on_our_side():
         torch.testing.assert_close(tail, exact.tail, rtol=0, atol=5e-4)
 
 
+@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd", "skew_reverse_kl"])
+def test_a_tail_lost_to_rounding_keeps_every_divergence_finite(divergence):
+    """Top-k values that round to a sum of 1 (a confident position) must not leave a zero tail bucket."""
+    from potstill.losses import linear_divergence
+    from potstill.teachers.served.parse import Scored
+    from potstill.teachers.served.sparse import batch_targets
+
+    log_probs = torch.tensor([[[-1e-9, -25.0, -26.0]]]).log_softmax(-1)[0]  # the tail is far below fp32 rounding
+    row = Scored(torch.tensor([[3, 1, 2]]), log_probs.float(), torch.zeros(1))
+    targets = batch_targets([row], 2, 3, 16, 1.0)[:, :1].reshape(1)
+    assert float(targets.tail[0]) > 0
+    hidden = torch.randn(1, 4, requires_grad=True)
+    loss = linear_divergence(hidden, torch.randn(16, 4), teacher_targets=targets, divergence=divergence)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(hidden.grad).all()
+
+
 def test_answers_are_cached_and_never_asked_again(server, local, tmp_path, monkeypatch):
     monkeypatch.setenv("POTSTILL_API_KEY", "key-that-must-not-leak")
     with FaultProxy(server.url) as proxy:
