@@ -33,6 +33,11 @@ def served_spec(cfg) -> TeacherSpec:
 def check_served_recipe(recipe) -> None:
     if recipe.teacher.store:
         raise UserError("teacher.url and teacher.store both name where the teacher's targets come from; keep one")
+    if getattr(recipe.teacher, "ensemble", None) is not None:
+        raise UserError("teacher.url with teacher.ensemble: an ensemble of served teachers is not supported yet")
+    if getattr(recipe.data, "source", "pydoc") != "pydoc":
+        raise UserError(f"teacher.url with data.source={recipe.data.source}: served teachers score the pydoc "
+                        "text data only so far")
 
 
 def prepare_served(task, on_step_factory) -> None:
