@@ -122,6 +122,8 @@ def test_refusals_before_anything_runs(server):
         load_recipe(str(server.recipe), ["teacher.url=http://user:pw@127.0.0.1:1"])
     with pytest.raises(UserError, match="teacher.url and teacher.store"):
         LMTask(load_recipe(str(server.recipe), [f"teacher.url={server.url}", f"teacher.store={server.recipe.parent}"]))
+    with pytest.raises(UserError, match="an ensemble of served teachers is not supported yet"):
+        LMTask(load_recipe(str(server.recipe), [f"teacher.url={server.url}", "teacher.ensemble={members: [{seed: 1}]}"]))
 
 
 # ---------------------------------------------------------------- targets
