@@ -738,3 +738,20 @@ def test_bad_sparse_arguments():
         linear_divergence(c["h"], c["w"], teacher_targets=out_of_range, temperature=2.0)
     with pytest.raises(TypeError, match="SparseTargets"):
         linear_divergence(c["h"], c["w"], teacher_targets=(targets.ids, targets.weights), temperature=2.0)
+
+
+def test_a_tail_rounded_to_zero_is_floored_so_reverse_kl_stays_finite():
+    from potstill.losses.chunked import linear_divergence
+    from potstill.targets import SparseTargets, floored_tail
+
+    g = torch.Generator().manual_seed(0)
+    h, w = torch.randn(3, 4, generator=g), torch.randn(10, 4, generator=g)
+    ids = torch.tensor([[0, 1], [2, 3], [4, 5]])
+    weights = torch.tensor([[0.7, 0.3], [0.5, 0.5], [0.9, 0.1]])
+    zero = torch.zeros(3)  # what an fp16 store holds at confident positions
+    raw = linear_divergence(h, w, teacher_targets=SparseTargets(ids, weights, "topk", zero), divergence="reverse_kl")
+    assert not torch.isfinite(raw)
+    floored = floored_tail(zero, k=2, vocab_size=10)
+    assert (floored == 2 * 2.0 ** -24).all() and (floored_tail(zero, k=10, vocab_size=10) == 0).all()
+    fixed = linear_divergence(h, w, teacher_targets=SparseTargets(ids, weights, "topk", floored), divergence="reverse_kl")
+    assert torch.isfinite(fixed)

@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["SparseTargets", "StratifiedDraws", "sample", "stratified_draws", "topk"]
+__all__ = ["SparseTargets", "StratifiedDraws", "floored_tail", "sample", "stratified_draws", "topk"]
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,13 @@ class SparseTargets:
         """``[..., V]`` target probabilities (the tail is not spread: for tests and small V only)."""
         dense = torch.zeros(*self.ids.shape[:-1], vocab_size, dtype=self.weights.dtype, device=self.ids.device)
         return dense.scatter_add_(-1, self.ids, self.weights)
+
+
+def floored_tail(tail: Tensor, k: int, vocab_size: int) -> Tensor:
+    """A top-k tail mass kept at least ``k * 2^-24`` (0 when ``k = V``): below the rounding of ``k``
+    float32 probabilities (or of an fp16 store) a tail cannot be told from 0, and a zero tail makes
+    reverse KL and every divergence that weighs the teacher's zeros infinite."""
+    return torch.zeros_like(tail) if k >= vocab_size else tail.clamp_min(k * 2.0 ** -24)
 
 
 def _log_probabilities(teacher_logits: Tensor, temperature: float) -> Tensor:

@@ -22,7 +22,7 @@ import torch
 from potstill.batches import Origin
 from potstill.core.errors import UserError
 from potstill.store.reader import StoreReader, decode_ids
-from potstill.targets import SparseTargets
+from potstill.targets import SparseTargets, floored_tail
 from potstill.teachers.base import Capability, TeacherOutput
 
 _FORMAT_CAPABILITY = {"dense": Capability.LOGITS, "topk": Capability.SPARSE_TOPK,
@@ -62,6 +62,7 @@ class StoreTeacher:
             weights = rows["counts"].float() / m.k
             sparse = SparseTargets(ids, weights, "sampled", None, m.temperature, entropy)
         else:
-            sparse = SparseTargets(ids, rows["log_probs"].float().exp(), "topk", rows["tail"].float(), m.temperature,
-                                   entropy)
+            # an fp16 tail rounds to 0 at confident positions: floored as a served teacher's is
+            tail = floored_tail(rows["tail"].float(), m.k, m.vocab_size)
+            sparse = SparseTargets(ids, rows["log_probs"].float().exp(), "topk", tail, m.temperature, entropy)
         return TeacherOutput(sparse=sparse)

@@ -33,15 +33,14 @@ import math
 import torch
 from torch import Tensor
 
-from potstill.targets import SparseTargets
+from potstill.targets import SparseTargets, floored_tail
 from potstill.teachers.served.parse import Scored
 
 
 def tail_mass(log_probs: Tensor, vocab_size: int) -> Tensor:
     """``1 - sum exp(log_probs)`` over the last dim, in float64, at least ``k * 2^-24`` (0 when ``k = V``)."""
     k = log_probs.shape[-1]
-    tail = -torch.expm1(torch.logsumexp(log_probs.double(), dim=-1))
-    return torch.zeros_like(tail) if k >= vocab_size else tail.clamp_min(k * 2.0 ** -24)
+    return floored_tail(-torch.expm1(torch.logsumexp(log_probs.double(), dim=-1)), k, vocab_size)
 
 
 def at_temperature(log_probs: Tensor, vocab_size: int, temperature: float) -> tuple[Tensor, Tensor]:
