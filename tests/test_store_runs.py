@@ -185,14 +185,18 @@ def test_distill_from_a_sampled_store(lm_recipe, lm_store, tmp_path):
     assert report["teacher"]["metrics"]["perplexity"]["mean"] > 1
 
 
+def _live_teacher_models() -> set[int]:
+    gc.collect()
+    return {id(o) for o in gc.get_objects() if type(o).__name__.endswith("ForCausalLM") and isinstance(o, torch.nn.Module)
+            and getattr(o.config, "num_hidden_layers", 0) == 2 and any(p.device.type != "meta" for p in o.parameters())}
+
+
 def test_store_task_keeps_no_teacher_model(lm_recipe, lm_store):
+    before = _live_teacher_models()  # other tests' models (a module's fixtures) are not this task's
     task = LMTask(load_recipe(str(lm_recipe), [f"teacher.store={lm_store}"]))
     task.prepare_teacher(_silent)
-    gc.collect()
     assert task.teacher_model is None and isinstance(task.teacher, StoreTeacher)
-    teachers = [o for o in gc.get_objects() if type(o).__name__.endswith("ForCausalLM") and isinstance(o, torch.nn.Module)
-                and getattr(o.config, "num_hidden_layers", 0) == 2 and any(p.device.type != "meta" for p in o.parameters())]
-    assert not teachers, "a 2-layer teacher model is still in memory"
+    assert not _live_teacher_models() - before, "a 2-layer teacher model is still in memory"
     index = torch.tensor([5, 0])
     sparse = task.teacher.targets(TokenBatch(task.train_set.view(index), index=index)).sparse
     assert sparse.ids.shape == (2, 64, 6 + 12) and sparse.kind == "sampled"  # 6 exact head ids + 12 tail slots
