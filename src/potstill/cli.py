@@ -128,6 +128,32 @@ def store(
     console.print(f"train from it: potstill distill {recipe}{sets} --set teacher.store={out}", highlight=False)
 
 
+@app.command()
+def condense(
+    recipe: Optional[str] = typer.Argument(None, help="Built-in condense recipe or a YAML config (default: digits-condense)."),
+    set_: List[str] = typer.Option([], "--set", help="Override a config key: --set ipc=[1,10] (repeatable)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<recipe>-<timestamp>)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted condense run directory."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Learn synthetic training sets (DC, DSA, DM, MTT), judge them by retraining fresh networks next
+    to real-image baselines, and write report.json + report.html (docs/condense.md)."""
+    DEBUG["on"] = debug
+    from potstill.app.condense import condense as run_condense
+    from potstill.app.condense import default_condense_dir
+    from potstill.tasks import load_recipe
+
+    if resume is not None:
+        if recipe or set_ or out is not None:
+            fail("--resume continues a run exactly as configured; drop the recipe, --set and --out")
+        run_condense(None, resume, resume=True, console=console, started=STARTED)
+        return
+    loaded = load_recipe(recipe or "digits-condense", list(set_))
+    if loaded.task != "condense":
+        fail(f"recipe '{loaded.name}' is a distillation recipe (task: {loaded.task}); run it with `potstill distill`")
+    run_condense(loaded, out or default_condense_dir(loaded.name), console=console, started=STARTED)
+
+
 @app.command(name="cache", hidden=True, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def cache_renamed() -> None:
     """Renamed to `potstill store`."""
