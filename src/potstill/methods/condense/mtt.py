@@ -25,19 +25,19 @@ from potstill.methods.condense.base import Condenser, CondenserConfig
 
 
 class MTTConfig(CondenserConfig):
-    lr_img: float = Field(100.0, gt=0, description="SGD (momentum 0.5) learning rate of the synthetic pixels.")
+    lr_img: float = Field(10.0, gt=0, description="SGD (momentum 0.5) learning rate of the synthetic pixels.")
     syn_steps: int = Field(20, gt=0, description="Student steps on the synthetic set per iteration (unrolled).")
     expert_epochs: int = Field(2, gt=0, description="Epochs of the expert's trajectory the student must cover.")
     max_start_epoch: int = Field(10, gt=0, description="The student starts at an expert epoch drawn from [0, this).")
     batch_syn: int | None = Field(None, gt=0, description="Synthetic images per student step (null: the whole set).")
-    lr_teacher: float = Field(0.01, gt=0, description="The student's initial (learned) step size; also the experts' lr.")
-    lr_lr: float = Field(1e-5, gt=0, description="SGD learning rate of the student's step size.")
+    lr_teacher: float = Field(0.03, gt=0, description="The student's initial (learned) step size; also the experts' lr.")
+    lr_lr: float = Field(1e-7, gt=0, description="SGD learning rate of the student's step size.")
     labels: Literal["hard", "learned"] = Field("hard", description="learned: soft labels learned with the images.")
     lr_labels: float = Field(1.0, gt=0, description="SGD learning rate of the label logits (labels: learned).")
     strategy: str = Field(DIGITS_STRATEGY, description="DSA transforms for the student's steps and the experts' training.")
     num_experts: int = Field(8, gt=0, description="Expert trajectories in the buffer.")
     expert_train_epochs: int = Field(15, gt=0, description="Epochs each expert trains (>= max_start_epoch + expert_epochs).")
-    expert_batch: int = Field(256, gt=0, description="Real images per expert SGD step.")
+    expert_batch: int = Field(64, gt=0, description="Real images per expert SGD step.")
 
     @field_validator("strategy")
     @classmethod
