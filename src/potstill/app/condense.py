@@ -74,6 +74,7 @@ def condense(recipe: CondenseRecipe | None, run_dir: Path, *, resume: bool = Fal
         torch.set_num_threads(recipe.threads)
     task = Condensation(recipe)
     sets, records, rows = {}, {}, {}
+    task.warm_up()
     with progress_bars(console) as progress:
         bars = bar_factory(progress)
         for ipc in recipe.ipc:

@@ -75,11 +75,11 @@ def _grid(run_dir: Path, report: dict, ipc: int) -> str:
     if not panels:
         return ""
     classes, cols = report["data"]["num_classes"], min(ipc, GRID_COLUMNS)
-    fig, axes = _figure(2.1 * len(panels) * max(1, cols / 5), 2.4 * max(1, classes / 8), len(panels))
+    fig, axes = _figure(len(panels) * (0.3 * cols + 0.5), 0.3 * classes + 0.5, len(panels))
     for ax, (name, synthetic) in zip(axes, panels):
         images = synthetic.images.clamp(0, 1).numpy()[:, 0]  # shown clipped to [0, 1]; stored as learned
         side = images.shape[-1]
-        mosaic = np.ones((classes * (side + 1), cols * (side + 1)))
+        mosaic = np.zeros((classes * (side + 1), cols * (side + 1)))  # white separators
         for c in range(classes):
             for j in range(cols):
                 mosaic[c * (side + 1):c * (side + 1) + side, j * (side + 1):j * (side + 1) + side] = images[c * ipc + j]

@@ -21,6 +21,7 @@ from potstill.core.device import resolve_runtime
 from potstill.core.errors import UserError
 from potstill.core.hashing import keyed_seed
 from potstill.data.classification import DataConfig, load_classification
+from potstill.data import dsa
 from potstill.data.order import keyed_generator
 from potstill.data.selection import herding
 from potstill.data.synthetic import SyntheticSet
@@ -85,6 +86,16 @@ class Condensation:
         return initial_images(self.real, ipc, init, generator).to(self.runtime.device)
 
     # ---------------------------------------------------------------- learning sets
+
+    def warm_up(self) -> None:
+        """One double backward through a throwaway network and one pass of every DSA transform, so
+        torch's one-off allocations are not counted in the first set's memory."""
+        net = self.new_net()
+        x = self.real.by_class[0][:2].clone().requires_grad_(True)
+        for family in dsa.FAMILIES:
+            x = dsa.augment(x, family, keyed_generator(0))
+        grads = torch.autograd.grad(net(x).logsumexp(-1).sum(), list(net.parameters()), create_graph=True)
+        sum(g.pow(2).sum() for g in grads).backward()
 
     def iterations(self, name: str, ipc: int) -> int:
         spec = self.recipe.methods[name]
