@@ -151,6 +151,37 @@ def test_mtt_unroll_differentiates_through_every_step():
     assert torch.autograd.gradcheck(end_point, (images, lr), eps=1e-6, atol=1e-6)
 
 
+# ---------------------------------------------------------------- data-free: inverting a batch-norm teacher
+
+
+def test_batch_norm_statistics_loss_is_the_explicit_sum_over_layers():
+    from potstill.methods.condense.inversion import batch_norm_statistics_loss, image_priors
+
+    torch.manual_seed(9)
+    teacher = ConvNet((1, 8, 8), 3, ConvNetConfig(width=4, norm="batch")).double().eval()
+    for m in teacher.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    x = torch.randn(5, 1, 8, 8, dtype=torch.float64)
+    logits, loss = batch_norm_statistics_loss(teacher, x)
+
+    expected, h = 0.0, x
+    for layer in teacher.features:  # conv, bn, relu, pool, conv, bn, relu, pool, flatten
+        if isinstance(layer, torch.nn.BatchNorm2d):
+            for stat, running in ((h.mean((0, 2, 3)), layer.running_mean),
+                                  (((h - h.mean((0, 2, 3), keepdim=True)) ** 2).mean((0, 2, 3)), layer.running_var)):
+                expected += math.sqrt(sum((float(a) - float(b)) ** 2 for a, b in zip(stat, running)))
+        h = layer(h)
+    assert float(loss) == pytest.approx(expected, rel=1e-10)
+    torch.testing.assert_close(logits, teacher(x))
+    assert not any(m._forward_hooks for m in teacher.modules())  # the hooks are gone afterwards
+
+    img = torch.tensor([[[[0.0, 1.0], [3.0, 1.0]]]], dtype=torch.float64)
+    tv, l2 = image_priors(img)
+    assert (float(tv), float(l2)) == pytest.approx(((9 + 0) / 2 + (1 + 4) / 2, (0 + 1 + 9 + 1) / 4))
+
+
 # ---------------------------------------------------------------- augmentation, herding, the file
 
 
@@ -222,6 +253,7 @@ def one_error_line(result):
     (["methods.mtt.params.max_start_epoch=20"], "exceeds expert_train_epochs"),
     (["evaluate.seedz=2"], "unknown config key 'evaluate.seedz'; did you mean 'seeds'?"),
     (["methods.random.method=dc"], "methods.random: that name is taken by a baseline row"),
+    (["methods.di.method=deepinversion", "methods.di.params.init=real"], "a data-free set starts from noise"),
 ])
 def test_bad_settings_name_the_problem(overrides, expected):
     from potstill.core.errors import UserError

@@ -75,6 +75,8 @@ def condense(recipe: CondenseRecipe | None, run_dir: Path, *, resume: bool = Fal
     task = Condensation(recipe)
     sets, records, rows = {}, {}, {}
     task.warm_up()
+    if task.uses_teacher():
+        task.teacher()  # trained (or read back) first: the report describes it even when nothing else is left to do
     with progress_bars(console) as progress:
         bars = bar_factory(progress)
         for ipc in recipe.ipc:
@@ -108,7 +110,7 @@ def condense(recipe: CondenseRecipe | None, run_dir: Path, *, resume: bool = Fal
                 sets[(kind, ipc)] = load_synthetic(p)
         for kind in baselines:
             for augment in recipe.evaluate.baseline_augment:
-                rows[kind + augment_label(augment)] = {"kind": "full" if kind == "full" else "baseline",
+                rows[kind + augment_label(augment)] = {"kind": "full" if kind.startswith("full") else "baseline",
                                                        "method": kind, "augment": augment}
 
         jobs = []
@@ -126,7 +128,7 @@ def condense(recipe: CondenseRecipe | None, run_dir: Path, *, resume: bool = Fal
             result = _read(path)
             if result is None:
                 synthetic = None if ipc == "all" else sets[(meta["method"] if meta["kind"] == "baseline" else row, ipc)]
-                result = task.evaluate(synthetic, arch, meta["augment"], seed)
+                result = task.evaluate(synthetic, arch, meta["augment"], seed, kd=meta["method"] == "full-kd")
                 atomic_write_json(path, result)
             scores.setdefault((row, ipc, arch), []).append(result)
             progress.update(bar, completed=done)
@@ -203,7 +205,12 @@ def build_condense_report(recipe: CondenseRecipe, task: Condensation, rows: dict
         "baselines": "random: the real images every method starts from at that IPC (one draw per IPC); herding: "
                      "per class, greedy matching of the class mean in the features of a ConvNet trained on the full "
                      "training split" + (f" (its val accuracy {herding_info['embedder_val_accuracy']:.4f})"
-                                         if herding_info else "") + "; full: the whole training split",
+                                         if herding_info else "") + "; full: the whole training split; full-kd: the whole training split labelled "
+                     "by the teacher's probabilities (data-based KD)",
+        "teacher": (f"{task.teacher_info['description']}: val accuracy {task.teacher_info['val_accuracy']:.4f}, "
+                    f"test accuracy {task.teacher_info['test_accuracy']:.4f}; its probabilities at temperature "
+                    f"{recipe.teacher.temperature:g} label the data-free sets and the full-kd row"
+                    if getattr(task, "teacher_info", None) else "none (no method or row needs one)"),
         "networks": f"ConvNet (width {recipe.net.width}, depth {recipe.net.depth or 'auto'}, {recipe.net.norm} norm)"
                     + (f"; cross-architecture: MLP, hidden {ev.mlp_hidden}" if ev.cross_arch else ""),
         "cost": f"learning time is the wall time of the iterations on this machine ({recipe.threads or 'default'} "
@@ -217,6 +224,7 @@ def build_condense_report(recipe: CondenseRecipe, task: Condensation, rows: dict
                  "input_shape": list(data.input_shape)},
         "ipc": recipe.ipc, "archs": archs, "rows": table, "verdicts": _verdicts(table, recipe.ipc),
         "protocol": protocol, "notes": task.notes(), "herding": herding_info,
+        "teacher": getattr(task, "teacher_info", None),
     }
 
 

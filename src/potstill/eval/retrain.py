@@ -54,12 +54,9 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch: int = 1024) -> float
     return hits / len(y)
 
 
-def retrain(images: Tensor, targets: Tensor, *, arch: Arch, augment: str, seed: int, cfg: RetrainConfig,
-            net: ConvNetConfig, val: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor]) -> dict:
-    """Train one fresh network on (``images``, ``targets`` [N, classes] probabilities); its scores."""
-    began = time.perf_counter()
-    torch.manual_seed(keyed_seed(seed, 0))
-    model = build_net(arch, tuple(images.shape[1:]), targets.shape[1], net, cfg).to(images.device)
+def train_network(model: nn.Module, images: Tensor, targets: Tensor, *, augment: str, seed: int,
+                  cfg: RetrainConfig) -> nn.Module:
+    """``model`` trained in place on (``images``, ``targets`` [N, classes] probabilities) by the schedule above."""
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     order = StepOrder(len(images), min(cfg.batch_size, len(images)), 1, seed)
     model.train()
@@ -75,5 +72,15 @@ def retrain(images: Tensor, targets: Tensor, *, arch: Arch, augment: str, seed: 
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+    return model.eval()
+
+
+def retrain(images: Tensor, targets: Tensor, *, arch: Arch, augment: str, seed: int, cfg: RetrainConfig,
+            net: ConvNetConfig, val: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor]) -> dict:
+    """Train one fresh network on (``images``, ``targets``); its scores (and the network, ``model``)."""
+    began = time.perf_counter()
+    torch.manual_seed(keyed_seed(seed, 0))
+    model = build_net(arch, tuple(images.shape[1:]), targets.shape[1], net, cfg).to(images.device)
+    train_network(model, images, targets, augment=augment, seed=seed, cfg=cfg)
     return {"test_accuracy": accuracy(model, *test), "val_accuracy": accuracy(model, *val),
             "seconds": round(time.perf_counter() - began, 2), "model": model}

@@ -3,7 +3,8 @@
 
 Instance norm (a GroupNorm with one group per channel, affine) rather than batch norm: the
 synthetic sets are tiny and a whole class may sit in one batch, where batch statistics would leak
-the batch's composition into every prediction. The same module trains on real data, matches
+the batch's composition into every prediction. Batch norm is there for teachers that data-free
+distillation inverts: their running statistics are what the synthesised images must match. The same module trains on real data, matches
 gradients, embeds for distribution matching and is retrained for evaluation.
 """
 
@@ -19,7 +20,8 @@ class ConvNetConfig(Strict):
     width: int = Field(64, gt=0, description="Channels of every conv block (the literature uses 128 on 32x32 images).")
     depth: int | None = Field(None, gt=0, description=(
         "Conv blocks; each halves the image side (null: as many as keep the side >= 2: 2 for 8x8, 3 for 28x28)."))
-    norm: str = Field("instance", pattern="^(instance|none)$", description="instance: GroupNorm(C, C); none: no norm.")
+    norm: str = Field("instance", pattern="^(instance|batch|none)$", description=(
+        "instance: GroupNorm(C, C); batch: BatchNorm2d (a teacher to invert: its statistics are the prior); none."))
 
 
 def default_depth(side: int) -> int:
@@ -41,6 +43,8 @@ class ConvNet(nn.Module):
             layers.append(nn.Conv2d(channels, cfg.width, 3, padding=1))
             if cfg.norm == "instance":
                 layers.append(nn.GroupNorm(cfg.width, cfg.width, affine=True))
+            elif cfg.norm == "batch":
+                layers.append(nn.BatchNorm2d(cfg.width))
             layers += [nn.ReLU(), nn.AvgPool2d(2)]
             channels, side = cfg.width, side // 2
         if side < 1:

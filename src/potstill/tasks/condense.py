@@ -26,10 +26,12 @@ from potstill.data.order import keyed_generator
 from potstill.data.selection import herding
 from potstill.data.synthetic import SyntheticSet
 from potstill.eval.metrics import PeakMemory
-from potstill.eval.retrain import retrain
+from potstill.eval.retrain import RetrainConfig, accuracy, retrain, train_network
 from potstill.methods.condense import RealData, Synthetic, condenser_class, condenser_config, initial_images
 from potstill.models.convnet import ConvNet
+from potstill.models.params import count_params
 from potstill.tasks.condense_config import CondenseRecipe
+from potstill.tasks.keep import freeze, keep_once
 from potstill.train.condense import run_condenser
 from potstill.train.experts import expert_buffer
 
@@ -116,6 +118,8 @@ class Condensation:
                            "strategy": cfg.strategy, "seed": self.recipe.seed}
             experts, record["experts"] = expert_buffer(buffer_spec, self.new_net, self.train_x, self.train_y, on_expert)
             extras["experts"] = experts.to(self.runtime.device)
+        if getattr(cls, "needs_teacher", False):
+            extras.update(teacher=self.teacher(), temperature=self.recipe.teacher.temperature)
         method = cls(cfg, self.real, synthetic, self.new_net, **extras)
         cuda = self.runtime.device.type == "cuda"
         if cuda:
@@ -127,13 +131,49 @@ class Condensation:
         record.update(result, peak_rss_growth_mib=round(memory.peak_mb, 1))
         if cuda:
             record["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated(self.runtime.device) / 2**20, 1)
-        soft = synthetic.targets() if learn_labels else None
-        info = {"recipe": self.recipe.name, "name": name, "init": cfg.init, "labels": "learned" if learn_labels else "hard",
+        soft = method.soft_labels()
+        labels = "teacher" if getattr(cls, "needs_teacher", False) else "learned" if learn_labels else "hard"
+        info = {"recipe": self.recipe.name, "name": name, "init": cfg.init, "labels": labels,
                 "params": cfg.model_dump(), "net": self.recipe.net.model_dump(), "iterations": cfg.iterations}
         if "syn_lr" in method.state():
             info["learned_lr"] = float(method.state()["syn_lr"])
         return SetResult(self._save_form(synthetic.images, synthetic.labels, ipc, spec.method, method.augment, soft,
                                          info), record)
+
+    # ---------------------------------------------------------------- the teacher
+
+    def uses_teacher(self) -> bool:
+        return "full-kd" in self.recipe.evaluate.baselines or any(
+            getattr(condenser_class(spec.method), "needs_teacher", False) for spec in self.recipe.methods.values())
+
+    def teacher(self) -> torch.nn.Module:
+        """The batch-norm ConvNet that data-free methods invert and the full-kd row learns from:
+        trained on the full training split once, kept in the cache directory, frozen."""
+        if getattr(self, "_teacher", None) is not None:
+            return self._teacher
+        t = self.recipe.teacher
+        schedule = RetrainConfig(**{**self.recipe.evaluate.model_dump(include=set(RetrainConfig.model_fields)),
+                                    "steps": t.steps})
+        spec = {"data": self.data.fingerprint, "net": t.net.model_dump(), "seed": t.seed,
+                "schedule": schedule.model_dump(), "normalisation": [self.mean, self.std]}
+        torch.manual_seed(keyed_seed(t.seed, 0))
+        model = ConvNet(self.data.input_shape, self.num_classes, t.net).to(self.runtime.device)
+
+        def train(_work_dir: Path) -> dict:
+            targets = torch.nn.functional.one_hot(self.train_y, self.num_classes).float()
+            train_network(model, self.train_x, targets, augment="none", seed=t.seed, cfg=schedule)
+            return {"steps": t.steps}
+
+        reused, key = keep_once("condense-teacher", spec, model, reuse=t.reuse, train=train)
+        self._teacher = freeze(model.eval())
+        self.teacher_info = {"description": f"ConvNet width {t.net.width}, {t.net.norm} norm, {t.steps} steps "
+                                            f"(kept as {key})", "reused": reused, "params": count_params(model),
+                             "val_accuracy": accuracy(model, *self.val), "test_accuracy": accuracy(model, *self.test)}
+        return self._teacher
+
+    def teacher_targets(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return (self.teacher()(x) / self.recipe.teacher.temperature).softmax(-1)
 
     # ---------------------------------------------------------------- real-image baselines
 
@@ -159,11 +199,13 @@ class Condensation:
 
     # ---------------------------------------------------------------- retraining
 
-    def evaluate(self, synthetic: SyntheticSet | None, arch: str, augment: str, seed: int) -> dict:
-        """One fresh network trained on ``synthetic`` (None: the full training split); its scores."""
+    def evaluate(self, synthetic: SyntheticSet | None, arch: str, augment: str, seed: int, kd: bool = False) -> dict:
+        """One fresh network trained on ``synthetic`` (None: the full training split, labelled by the
+        teacher's probabilities with ``kd``); its scores."""
         if synthetic is None:
             images = self.train_x
-            targets = torch.nn.functional.one_hot(self.train_y, self.num_classes).float()
+            targets = (self.teacher_targets(images) if kd else
+                       torch.nn.functional.one_hot(self.train_y, self.num_classes).float())
         else:
             images = self.normalise(synthetic.images).to(self.runtime.device)
             targets = synthetic.targets().to(self.runtime.device)

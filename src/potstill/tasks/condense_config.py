@@ -39,9 +39,20 @@ class CondenseMethodConfig(Strict):
         return {**self.params, **self.ipc_params.get(ipc, {})}
 
 
+class CondenseTeacherConfig(Strict):
+    net: ConvNetConfig = Field(default_factory=lambda: ConvNetConfig(width=64, norm="batch"), description=(
+        "The teacher's ConvNet (batch norm: data-free methods invert its statistics)."))
+    steps: int = Field(1000, gt=0, description="Training steps on the full training split (the evaluation schedule otherwise).")
+    seed: int = Field(0, description="Seed of the teacher's training.")
+    temperature: float = Field(1.0, gt=0, description=(
+        "Temperature of the teacher probabilities used as labels (data-free sets and the full-kd row)."))
+    reuse: bool = Field(True, description="Reuse a kept teacher trained with the same settings and data.")
+
+
 class CondenseEvalConfig(RetrainConfig):
-    baselines: list[Literal["random", "herding", "full"]] = Field(["random", "herding", "full"], description=(
-        "Real-image rows of the table: random (the methods' own real initialisation), herding, the full training split."))
+    baselines: list[Literal["random", "herding", "full", "full-kd"]] = Field(["random", "herding", "full"], description=(
+        "Real-image rows of the table: random (the methods' own real initialisation), herding, the full training "
+        "split, and full-kd: the full training split labelled by the teacher's probabilities (data-based KD)."))
     baseline_augment: list[str] = Field(["none", DIGITS_STRATEGY], description=(
         "Augmentations the real-image rows are trained with ('none' or a DSA strategy), one row each, so every "
         "method is compared with real images under its own augmentation."))
@@ -72,6 +83,8 @@ class CondenseRecipe(Strict):
     checkpoint_every: int = Field(10, gt=0, description="Write a resumable checkpoint every N iterations.")
     log_every: int = Field(10, gt=0, description="Log the matching loss every N iterations.")
     evaluate: CondenseEvalConfig = Field(default_factory=CondenseEvalConfig, description="Evaluation by retraining.")
+    teacher: CondenseTeacherConfig = Field(default_factory=CondenseTeacherConfig, description=(
+        "The teacher of data-free methods and of the full-kd row (trained on the training split once, then kept)."))
 
     @field_validator("ipc")
     @classmethod
@@ -88,7 +101,7 @@ class CondenseRecipe(Strict):
         if not self.methods:
             raise UserError("methods: a condense recipe needs at least one method")
         for name, spec in self.methods.items():
-            if name in ("random", "herding", "full") or "/" in name:
+            if name in ("random", "herding", "full", "full-kd") or "/" in name:
                 raise UserError(f"methods.{name}: that name is taken by a baseline row; choose another")
             for ipc in sorted(set(self.ipc) | set(spec.ipc_params)):  # entries for IPCs not run are checked too
                 condenser_config(spec.method, spec.params_for(ipc), where=f"methods.{name}")

@@ -30,7 +30,7 @@ def run_condenser(method: Condenser, *, seed: int, work_dir: Path, checkpoint_ev
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     state = method.state()
-    optimizer = torch.optim.SGD(method.param_groups(), momentum=0.5)
+    optimizer = method.make_optimizer()
     start, offset, seconds = 0, None, 0.0
     found = find_checkpoint(work_dir / "checkpoint")
     if found is not None:

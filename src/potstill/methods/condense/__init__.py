@@ -10,9 +10,10 @@ from potstill.methods.condense.base import Condenser, CondenserConfig, RealData,
 from potstill.methods.condense.dc import DC
 from potstill.methods.condense.dm import DM
 from potstill.methods.condense.dsa import DSA
+from potstill.methods.condense.inversion import DeepInversion
 from potstill.methods.condense.mtt import MTT
 
-CONDENSERS: dict[str, type[Condenser]] = {cls.name: cls for cls in (DC, DSA, DM, MTT)}
+CONDENSERS: dict[str, type[Condenser]] = {cls.name: cls for cls in (DC, DSA, DM, MTT, DeepInversion)}
 
 
 def condenser_class(name: str, where: str = "method") -> type[Condenser]:

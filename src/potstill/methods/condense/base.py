@@ -93,6 +93,14 @@ class Condenser:
             groups.append({"params": [self.synthetic.label_logits], "lr": getattr(self.cfg, "lr_labels", self.cfg.lr_img)})
         return groups
 
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        """SGD with momentum 0.5 over :meth:`param_groups`, as DC, DM and MTT update their pixels."""
+        return torch.optim.SGD(self.param_groups(), momentum=0.5)
+
+    def soft_labels(self) -> Tensor | None:
+        """The labels to store with the images: learned ones (probabilities), or None for hard labels."""
+        return self.synthetic.targets().detach() if self.synthetic.label_logits is not None else None
+
     def siamese(self, real: Tensor, synthetic: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         """Both batches under the same drawn transforms (no-op without augmentation)."""
         if self.augment == "none":
