@@ -167,13 +167,14 @@ def test_batch_norm_statistics_loss_is_the_explicit_sum_over_layers():
     logits, loss = batch_norm_statistics_loss(teacher, x)
 
     expected, h = 0.0, x
-    for layer in teacher.features:  # conv, bn, relu, pool, conv, bn, relu, pool, flatten
-        if isinstance(layer, torch.nn.BatchNorm2d):
-            for stat, running in ((h.mean((0, 2, 3)), layer.running_mean),
-                                  (((h - h.mean((0, 2, 3), keepdim=True)) ** 2).mean((0, 2, 3)), layer.running_var)):
-                expected += math.sqrt(sum((float(a) - float(b)) ** 2 for a, b in zip(stat, running)))
-        h = layer(h)
-    assert float(loss) == pytest.approx(expected, rel=1e-10)
+    with torch.no_grad():
+        for layer in teacher.features:  # conv, bn, relu, pool, conv, bn, relu, pool, flatten
+            if isinstance(layer, torch.nn.BatchNorm2d):
+                for stat, running in ((h.mean((0, 2, 3)), layer.running_mean),
+                                      (((h - h.mean((0, 2, 3), keepdim=True)) ** 2).mean((0, 2, 3)), layer.running_var)):
+                    expected += math.sqrt(sum((float(a) - float(b)) ** 2 for a, b in zip(stat, running)))
+            h = layer(h)
+    assert float(loss.detach()) == pytest.approx(expected, rel=1e-10)
     torch.testing.assert_close(logits, teacher(x))
     assert not any(m._forward_hooks for m in teacher.modules())  # the hooks are gone afterwards
 
