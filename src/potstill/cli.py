@@ -190,15 +190,17 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory with report
     import json
 
     from potstill.eval.chain_html import render_chain_html
+    from potstill.eval.condense_html import render_condense_html
     from potstill.eval.html import render_html
 
     if not (run_dir / "report.json").exists():
         fail(f"{run_dir} has no report.json (not a finished potstill run)")
     try:
-        is_chain = json.loads((run_dir / "report.json").read_text()).get("task") == "chain"
+        task = json.loads((run_dir / "report.json").read_text()).get("task")
     except (ValueError, AttributeError):
-        is_chain = False  # render_html names what is wrong with the file
-    console.print(f"report: {(render_chain_html if is_chain else render_html)(run_dir)}")
+        task = None  # render_html names what is wrong with the file
+    render = {"chain": render_chain_html, "condense": render_condense_html}.get(task, render_html)
+    console.print(f"report: {render(run_dir)}")
 
 
 def _size(n: int) -> str:

@@ -23,7 +23,7 @@ class InversionConfig(CondenserConfig):
     iterations: int = Field(500, gt=0, description="Adam steps on the whole synthetic set.")
     lr_img: float = Field(0.05, gt=0, description="Adam learning rate of the pixels (betas 0.5, 0.9, as DeepInversion).")
     init: str = Field("noise", description="Always noise: a data-free set reads no real image.")
-    bn_weight: float = Field(1.0, ge=0, description="Weight of the batch-norm statistics term.")
+    bn_weight: float = Field(5.0, ge=0, description="Weight of the batch-norm statistics term.")
     tv_weight: float = Field(0.5, ge=0, description="Weight of the total-variation prior (mean squared neighbour difference).")
     l2_weight: float = Field(0.01, ge=0, description="Weight of the L2 prior (mean squared pixel).")
     jitter: int = Field(1, ge=0, description="Largest random shift (pixels, both axes) of the batch at each step.")
