@@ -112,13 +112,13 @@ class Condensation:
         synthetic = Synthetic(self.initial(ipc, cfg.init), self.num_classes, ipc, learn_labels).to(self.runtime.device)
         record: dict = {}
         extras = {}
-        if getattr(cls, "needs_experts", False):
+        if cls.needs_experts:
             buffer_spec = {"data": self.data.fingerprint, "net": self.recipe.net.model_dump(), "num_experts": cfg.num_experts,
                            "epochs": cfg.expert_train_epochs, "lr": cfg.lr_teacher, "batch": cfg.expert_batch,
                            "strategy": cfg.strategy, "seed": self.recipe.seed}
             experts, record["experts"] = expert_buffer(buffer_spec, self.new_net, self.train_x, self.train_y, on_expert)
             extras["experts"] = experts.to(self.runtime.device)
-        if getattr(cls, "needs_teacher", False):
+        if cls.needs_teacher:
             extras.update(teacher=self.teacher(), temperature=self.recipe.teacher.temperature)
         method = cls(cfg, self.real, synthetic, self.new_net, **extras)
         cuda = self.runtime.device.type == "cuda"
@@ -132,7 +132,7 @@ class Condensation:
         if cuda:
             record["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated(self.runtime.device) / 2**20, 1)
         soft = method.soft_labels()
-        labels = "teacher" if getattr(cls, "needs_teacher", False) else "learned" if learn_labels else "hard"
+        labels = "teacher" if cls.needs_teacher else "learned" if learn_labels else "hard"
         info = {"recipe": self.recipe.name, "name": name, "init": cfg.init, "labels": labels,
                 "params": cfg.model_dump(), "net": self.recipe.net.model_dump(), "iterations": cfg.iterations}
         if "syn_lr" in method.state():
@@ -144,7 +144,7 @@ class Condensation:
 
     def uses_teacher(self) -> bool:
         return "full-kd" in self.recipe.evaluate.baselines or any(
-            getattr(condenser_class(spec.method), "needs_teacher", False) for spec in self.recipe.methods.values())
+            condenser_class(spec.method).needs_teacher for spec in self.recipe.methods.values())
 
     def teacher(self) -> torch.nn.Module:
         """The batch-norm ConvNet that data-free methods invert and the full-kd row learns from:

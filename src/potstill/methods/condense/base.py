@@ -72,13 +72,15 @@ def initial_images(real: RealData, ipc: int, init: str, generator: torch.Generat
 class Condenser:
     name: ClassVar[str] = "base"
     Config: ClassVar[type[CondenserConfig]] = CondenserConfig
-    #: the augmentation the set is learned with, and so the one to train on it with ("none" or a DSA strategy)
-    augment: ClassVar[str] = "none"
-    learns_labels: ClassVar[bool] = False
+    #: what the task must build first and pass by keyword: ``experts`` (MTT's trajectories),
+    #: ``teacher`` and ``temperature`` (a network to invert)
+    needs_experts: ClassVar[bool] = False
+    needs_teacher: ClassVar[bool] = False
 
-    def __init__(self, cfg: CondenserConfig, real: RealData, synthetic: Synthetic, new_net: Callable[[], nn.Module],
-                 **extras):
+    def __init__(self, cfg: CondenserConfig, real: RealData, synthetic: Synthetic, new_net: Callable[[], nn.Module]):
         self.cfg, self.real, self.synthetic, self.new_net = cfg, real, synthetic, new_net
+        #: the augmentation the set is learned with, and so the one to train on it with ("none" or a DSA strategy)
+        self.augment = "none"
 
     def state(self) -> dict[str, nn.Parameter]:
         """What the checkpoint keeps (and what the optimizer updates)."""

@@ -33,7 +33,6 @@ class DCConfig(CondenserConfig):
 class DC(Condenser):
     name = "dc"
     Config = DCConfig
-    learns_labels = True
 
     def loops(self) -> tuple[int, int]:
         ipc = self.synthetic.ipc

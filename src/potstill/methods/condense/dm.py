@@ -33,8 +33,8 @@ class DM(Condenser):
     name = "dm"
     Config = DMConfig
 
-    def __init__(self, cfg: DMConfig, *args, **kwargs):
-        super().__init__(cfg, *args, **kwargs)
+    def __init__(self, cfg: DMConfig, *args):
+        super().__init__(cfg, *args)
         self.augment = cfg.strategy
 
     def iteration(self, it, optimizer, generator):

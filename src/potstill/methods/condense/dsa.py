@@ -27,6 +27,6 @@ class DSA(DC):
     name = "dsa"
     Config = DSAConfig
 
-    def __init__(self, cfg: DSAConfig, *args, **kwargs):
-        super().__init__(cfg, *args, **kwargs)
+    def __init__(self, cfg: DSAConfig, *args):
+        super().__init__(cfg, *args)
         self.augment = cfg.strategy

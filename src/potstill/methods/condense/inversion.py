@@ -68,8 +68,8 @@ class DeepInversion(Condenser):
     Config = InversionConfig
     needs_teacher = True
 
-    def __init__(self, cfg: InversionConfig, *args, teacher: nn.Module, temperature: float = 1.0, **kwargs):
-        super().__init__(cfg, *args, **kwargs)
+    def __init__(self, cfg: InversionConfig, *args, teacher: nn.Module, temperature: float = 1.0):
+        super().__init__(cfg, *args)
         self.teacher = teacher.eval()  # running statistics are the target: never updated here
         self.temperature = temperature
 

@@ -81,11 +81,10 @@ def unroll(net: nn.Module, theta: Tensor, images: Tensor, targets: Tensor, lr: T
 class MTT(Condenser):
     name = "mtt"
     Config = MTTConfig
-    learns_labels = True
     needs_experts = True
 
-    def __init__(self, cfg: MTTConfig, *args, experts: Tensor, **kwargs):
-        super().__init__(cfg, *args, **kwargs)
+    def __init__(self, cfg: MTTConfig, *args, experts: Tensor):
+        super().__init__(cfg, *args)
         self.augment = cfg.strategy
         self.experts = experts  # [experts, epochs + 1, parameters]
         self.syn_lr = nn.Parameter(torch.tensor(cfg.lr_teacher, device=experts.device))
