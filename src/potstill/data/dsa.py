@@ -76,7 +76,8 @@ def apply(x: Tensor, draw: Draw) -> Tensor:
         rows = torch.arange(h, device=x.device)[None, :] + offset[:, :1]
         cols = torch.arange(w, device=x.device)[None, :] + offset[:, 1:]
         return padded[torch.arange(n, device=x.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
-    # cutout: zero a square of half the side at a random centre
+    # cutout: zero a square around a random centre, of side 2 * (s // 2) + 1 for s = half the image side
+    # (5 px on 8x8, 15 on 28x28: one more than DSA's s, kept so the measured sets stay reproducible)
     size = max(1, int(h * 0.5 + 0.5))
     centre = torch.minimum((u[:, :2] * torch.tensor([h, w], device=x.device)).long(),
                            torch.tensor([h - 1, w - 1], device=x.device))
