@@ -25,7 +25,7 @@ from potstill.data import dsa
 from potstill.data.order import keyed_generator
 from potstill.data.selection import herding
 from potstill.data.synthetic import SyntheticSet
-from potstill.eval.metrics import PeakMemory
+from potstill.eval.metrics import PeakMemory, release_free_heap
 from potstill.eval.retrain import RetrainConfig, accuracy, retrain, train_network
 from potstill.methods.condense import RealData, Synthetic, condenser_class, condenser_config, initial_images
 from potstill.models.convnet import ConvNet
@@ -96,8 +96,12 @@ class Condensation:
         x = self.real.by_class[0][:2].clone().requires_grad_(True)
         for family in dsa.FAMILIES:
             x = dsa.augment(x, family, keyed_generator(0))
-        grads = torch.autograd.grad(net(x).logsumexp(-1).sum(), list(net.parameters()), create_graph=True)
+        labels = torch.zeros(len(x), dtype=torch.long, device=x.device)
+        grads = torch.autograd.grad(torch.nn.functional.cross_entropy(net(x), labels), list(net.parameters()),
+                                    create_graph=True)
         sum(g.pow(2).sum() for g in grads).backward()
+        for optimizer in (torch.optim.SGD(net.parameters(), lr=0.0, momentum=0.5), torch.optim.Adam(net.parameters(), lr=0.0)):
+            optimizer.step()  # an optimizer's first step imports torch's compiler stack (~80 MiB)
 
     def iterations(self, name: str, ipc: int) -> int:
         spec = self.recipe.methods[name]
@@ -124,6 +128,7 @@ class Condensation:
         cuda = self.runtime.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats(self.runtime.device)
+        release_free_heap()
         with PeakMemory() as memory:
             result = run_condenser(method, seed=keyed_seed(self.recipe.seed, ipc), work_dir=work_dir,
                                    checkpoint_every=self.recipe.checkpoint_every, log_every=self.recipe.log_every,
