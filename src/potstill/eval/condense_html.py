@@ -74,8 +74,13 @@ def _grid(run_dir: Path, report: dict, ipc: int) -> str:
             panels.append((name, load_synthetic(path)))
     if not panels:
         return ""
+    from matplotlib.figure import Figure
+
     classes, cols = report["data"]["num_classes"], min(ipc, GRID_COLUMNS)
-    fig, axes = _figure(len(panels) * (0.3 * cols + 0.5), 0.3 * classes + 0.5, len(panels))
+    per_row = len(panels) if cols < 5 else 3  # wide panels: three to a row
+    nrows = -(-len(panels) // per_row)
+    fig = Figure(figsize=(per_row * (0.32 * cols + 0.6), nrows * (0.32 * classes + 0.5)), layout="constrained")
+    axes = [fig.add_subplot(nrows, per_row, i + 1) for i in range(len(panels))]
     for ax, (name, synthetic) in zip(axes, panels):
         images = synthetic.images.clamp(0, 1).numpy()[:, 0]  # shown clipped to [0, 1]; stored as learned
         side = images.shape[-1]
