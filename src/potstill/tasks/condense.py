@@ -62,7 +62,10 @@ class Condensation:
         self.num_classes = self.data.num_classes
         self.real = RealData([self.train_x[self.train_y == c] for c in range(self.num_classes)])
         smallest = min(len(x) for x in self.real.by_class)
-        too_many = [ipc for ipc in recipe.ipc if ipc > smallest]
+        draws_real = bool({"random", "herding"} & set(recipe.evaluate.baselines)) or any(
+            condenser_config(spec.method, spec.params_for(ipc), where=f"methods.{name}").init == "real"
+            for name, spec in recipe.methods.items() for ipc in recipe.ipc)
+        too_many = [ipc for ipc in recipe.ipc if ipc > smallest] if draws_real else []
         if too_many:
             raise UserError(f"ipc {too_many[0]}: the smallest class of the {d.name} training split has {smallest} "
                             "images; a set cannot start from (or be compared with) more real images than that")
