@@ -77,7 +77,7 @@ def _grid(run_dir: Path, report: dict, ipc: int) -> str:
     from matplotlib.figure import Figure
 
     classes, cols = report["data"]["num_classes"], min(ipc, GRID_COLUMNS)
-    per_row = len(panels) if cols < 5 else 3  # wide panels: three to a row
+    per_row = len(panels) if cols < 5 else min(3, len(panels))  # wide panels: three to a row
     nrows = -(-len(panels) // per_row)
     fig = Figure(figsize=(per_row * (0.32 * cols + 0.6), nrows * (0.32 * classes + 0.5)), layout="constrained")
     axes = [fig.add_subplot(nrows, per_row, i + 1) for i in range(len(panels))]
