@@ -152,6 +152,32 @@ def serve(
               api_key_env=api_key_env, overrides=list(set_), threads=threads, console=console)
 
 
+@app.command()
+def condense(
+    recipe: Optional[str] = typer.Argument(None, help="Built-in condense recipe or a YAML config (default: digits-condense)."),
+    set_: List[str] = typer.Option([], "--set", help="Override a config key: --set ipc=[1,10] (repeatable)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<recipe>-<timestamp>)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted condense run directory."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+) -> None:
+    """Learn synthetic training sets (DC, DSA, DM, MTT), judge them by retraining fresh networks next
+    to real-image baselines, and write report.json + report.html (docs/condense.md)."""
+    DEBUG["on"] = debug
+    from potstill.app.condense import condense as run_condense
+    from potstill.app.condense import default_condense_dir
+    from potstill.tasks import load_recipe
+
+    if resume is not None:
+        if recipe or set_ or out is not None:
+            fail("--resume continues a run exactly as configured; drop the recipe, --set and --out")
+        run_condense(None, resume, resume=True, console=console, started=STARTED)
+        return
+    loaded = load_recipe(recipe or "digits-condense", list(set_))
+    if loaded.task != "condense":
+        fail(f"recipe '{loaded.name}' is a distillation recipe (task: {loaded.task}); run it with `potstill distill`")
+    run_condense(loaded, out or default_condense_dir(loaded.name), console=console, started=STARTED)
+
+
 @app.command(name="cache", hidden=True, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def cache_renamed() -> None:
     """Renamed to `potstill store`."""
@@ -188,15 +214,17 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory with report
     import json
 
     from potstill.eval.chain_html import render_chain_html
+    from potstill.eval.condense_html import render_condense_html
     from potstill.eval.html import render_html
 
     if not (run_dir / "report.json").exists():
         fail(f"{run_dir} has no report.json (not a finished potstill run)")
     try:
-        is_chain = json.loads((run_dir / "report.json").read_text()).get("task") == "chain"
+        task = json.loads((run_dir / "report.json").read_text()).get("task")
     except (ValueError, AttributeError):
-        is_chain = False  # render_html names what is wrong with the file
-    console.print(f"report: {(render_chain_html if is_chain else render_html)(run_dir)}")
+        task = None  # render_html names what is wrong with the file
+    render = {"chain": render_chain_html, "condense": render_condense_html}.get(task, render_html)
+    console.print(f"report: {render(run_dir)}")
 
 
 def _size(n: int) -> str:

@@ -36,15 +36,17 @@ def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, ensure_ascii=False) + "\n")
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor], *, fsync: bool = False, untie: bool = True) -> int:
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], *, fsync: bool = False, untie: bool = True,
+                 metadata: dict[str, str] | None = None) -> int:
     """A safetensors file written atomically; returns its size. ``untie``: copy each tensor first
     (safetensors refuses tensors that share storage, like a tied LM head); ``fsync``: flush it to
-    disk before the rename (store shards, which a manifest then vouches for). No metadata is written:
-    its key order varies between writes, and equal tensors must give equal bytes."""
+    disk before the rename (store shards, which a manifest then vouches for). ``metadata``: string
+    header entries; give a single key (e.g. one JSON string) where equal inputs must give equal
+    bytes, since the header's key order varies between writes."""
     path = Path(path)
     tmp = _temporary(path)
     save_file({k: (v.detach().contiguous().clone() if untie else v.detach().contiguous())
-               for k, v in tensors.items()}, str(tmp))
+               for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.chmod(tmp, 0o644)  # safetensors creates 0600 files; stores and students are meant to be shared
     if fsync:
         with open(tmp, "rb") as handle:

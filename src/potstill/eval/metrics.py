@@ -6,6 +6,7 @@ the predictive KL(teacher || student) averaged over inputs, at temperature 1.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import statistics
 import threading
@@ -84,6 +85,16 @@ def summarize(values: list[float]) -> dict:
     mean = statistics.fmean(values)
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     return {"mean": mean, "std": std, "values": values}
+
+
+def release_free_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc ``malloc_trim``), so that a
+    :class:`PeakMemory` started next measures what the block allocates, not what earlier work left
+    cached in the allocator; a no-op where there is no glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class PeakMemory:
