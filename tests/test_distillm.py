@@ -100,6 +100,7 @@ def test_the_loss_is_the_skew_kl_of_lm_kd():
     assert torch.equal(m(b)["objective"], reference(b)["objective"])
 
 
+@pytest.mark.slow  # ~30 s; test_gkd's resume test covers the rollouts, the round trip above the buffer
 def test_a_killed_distillm_run_resumes_to_the_same_weights(tmp_path):
     data = load_recipe("onpolicy-smoke", []).model_dump(mode="json")
     data["students"] = {"distillm": data["students"]["distillm"]}
