@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from enum import Enum
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -132,11 +133,13 @@ class TokenBatch:
 Batch = ClassBatch | TokenBatch
 
 
-def plan_normaliser(micro_batches: list[Batch]) -> int:
+def plan_normaliser(micro_batches: list[Batch], global_sum: Callable[[list[int]], list[int]] = lambda n: n) -> int:
     """Set ``num_items`` of step-normalised batches to the target count of the whole step; returns
-    what the step trains on (target tokens of token batches plus examples of the others)."""
+    what the step trains on (target tokens of token batches plus examples of the others).
+    ``global_sum`` adds counts over the processes of a distributed run (each holds its share)."""
     normalised = [b for b in micro_batches if b.step_normalised]
-    total = sum(b.count_targets() for b in normalised)
+    targets, examples = global_sum([sum(b.count_targets() for b in normalised),
+                                    sum(len(b) for b in micro_batches if not b.step_normalised)])
     for batch in normalised:
-        batch.num_items = max(1, total)
-    return total + sum(len(b) for b in micro_batches if not b.step_normalised)
+        batch.num_items = max(1, targets)
+    return targets + examples

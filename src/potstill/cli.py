@@ -37,23 +37,34 @@ def distill(
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<recipe>-<timestamp>)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run directory."),
     seeds: Optional[int] = typer.Option(None, "--seeds", help="Seeds per student (default from the recipe, 3)."),
+    nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help="Train with N processes on this machine "
+                                        "(launches torchrun; docs/distributed.md). Default 1."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Distill a teacher into students and write report.json + report.html (a chain: each stage's run,
     then the chain's report)."""
     DEBUG["on"] = debug
     from potstill.app.chain import distill as run_distill
+    from potstill.app.launch import launch_torchrun
     from potstill.app.run import default_run_dir
+    from potstill.core.distributed import broadcast_object, init_from_env, launched_by_torchrun
     from potstill.tasks import load_recipe
 
+    if resume is not None and (recipe or set_ or seeds is not None or out is not None):
+        fail("--resume continues a run exactly as configured; drop the recipe, --set, --seeds and --out")
+    if resume is None:
+        overrides = list(set_) + ([f"seeds={seeds}"] if seeds is not None else [])
+        loaded = load_recipe(recipe or "digits", overrides)
+        out = out or default_run_dir(loaded.name)
+    if nproc is not None and nproc > 1 and not launched_by_torchrun():
+        if resume is None and out.exists() and any(out.iterdir()):
+            fail(f"{out} already exists and is not empty; continue it with --resume {out} or choose another --out")
+        raise typer.Exit(launch_torchrun(nproc, sys.argv[1:], out if resume is None else None))
+    init_from_env()
     if resume is not None:
-        if recipe or set_ or seeds is not None or out is not None:
-            fail("--resume continues a run exactly as configured; drop the recipe, --set, --seeds and --out")
         run_distill(None, resume, resume=True, console=console, started=STARTED)
         return
-    overrides = list(set_) + ([f"seeds={seeds}"] if seeds is not None else [])
-    loaded = load_recipe(recipe or "digits", overrides)
-    run_distill(loaded, out or default_run_dir(loaded.name), console=console, started=STARTED)
+    run_distill(loaded, broadcast_object(out), console=console, started=STARTED)
 
 
 @app.command(name="store")
@@ -237,16 +248,21 @@ def _size(n: int) -> str:
 
 def main() -> None:
     DEBUG["on"] = "--debug" in sys.argv
+    from potstill.core.distributed import launched_world, shutdown
+
     try:
         app()
     except UserError as error:
         if DEBUG["on"]:
             raise
-        console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+        if launched_world().is_main:  # under torchrun every rank meets the same error: one line
+            console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("interrupted: continue with `potstill distill --resume RUN_DIR`")
         sys.exit(130)
+    finally:
+        shutdown()
 
 
 if __name__ == "__main__":

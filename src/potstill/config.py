@@ -14,7 +14,7 @@ import difflib
 import importlib.resources
 import re
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -55,6 +55,16 @@ class StudentConfig(Strict):
     params: dict[str, Any] = Field(default_factory=dict, description="Method hyper-parameters, validated by the method.")
 
 
+class DistributedConfig(Strict):
+    """How a run launched by torchrun (or ``potstill distill --nproc N``) spreads its students over the
+    processes (docs/distributed.md); a single process ignores it."""
+
+    strategy: Literal["auto", "ddp", "fsdp"] = Field("auto", description=(
+        "auto: FSDP2 (fully_shard per decoder layer) for LM students, DDP for the rest; ddp: a full "
+        "replica per process, gradients all-reduced; fsdp: parameters, gradients and optimizer state "
+        "sharded (needs a model whose decoder layers it can name)."))
+
+
 class RecipeBase(Strict):
     """Keys every recipe has, whatever its task."""
 
@@ -72,6 +82,8 @@ class RecipeBase(Strict):
     device: DeviceName = Field("auto", description="auto: CUDA when torch sees a GPU, else CPU; or cpu / cuda.")
     precision: PrecisionName = Field("auto", description="auto: bf16 autocast on CUDA, float32 on CPU; or fp32 / bf16.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Student training schedule (same budget for every student).")
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig,
+                                           description="Data parallelism under torchrun (ignored in one process).")
     students: dict[str, StudentConfig] = Field(default_factory=dict, description="Students by name; 'baseline' should be the CE-only student.")
 
 

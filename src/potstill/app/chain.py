@@ -37,6 +37,7 @@ from potstill.app.report import metric_cell, print_wide
 from potstill.app.run import create_run_dir, prepare_run_dir, run_recipe
 from potstill.config import RecipeBase
 from potstill.core.errors import UserError
+from potstill.core.distributed import barrier, launched_world
 from potstill.core.io import atomic_write_json
 from potstill.eval.chain_html import render_chain_html
 from potstill.tasks import load_recipe
@@ -151,8 +152,15 @@ def stage_entry(run_dir: Path, folder: Path, name: str, report: dict, taught_by:
 def run_chain(recipe: ChainRecipe | None, run_dir: Path, *, resume: bool = False,
               console: Console | None = None, started: float | None = None) -> dict:
     began = time.monotonic() if started is None else started
+    here = launched_world()
     console = console or Console(stderr=True)
-    recipe = prepare_run_dir(run_dir, recipe, resume)
+    if not here.is_main:  # under torchrun rank 0 alone prints and writes (potstill.app.run)
+        console = Console(stderr=True, quiet=True)
+    if here.is_main:
+        recipe = prepare_run_dir(run_dir, recipe, resume)
+    barrier()
+    if not here.is_main and recipe is None:
+        recipe = load_recipe(str(run_dir / "config.yaml"))
     stages = recipe.resolved_stages()
     entries: list[dict] = []
     teacher: dict | None = None  # stage 1: the base's own teacher
@@ -177,6 +185,8 @@ def run_chain(recipe: ChainRecipe | None, run_dir: Path, *, resume: bool = False
                     "primary_metric": "accuracy", "selection": "each stage's teacher is the previous stage's "
                     "teaches_next student in its best validation-accuracy seed (ties: lowest seed)",
                     "stages": entries}
+    if not here.is_main:
+        return chain_report
     atomic_write_json(run_dir / "report.json", chain_report)
     render_chain_html(run_dir)
     print_chain(console, chain_report)

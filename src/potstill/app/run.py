@@ -39,6 +39,7 @@ from potstill.app.report import build_report, print_summary, write_report
 from potstill.app.workers import Job, Workers, run_job
 from potstill.config import RecipeBase, dump_recipe
 from potstill.core.device import resolve_runtime
+from potstill.core.distributed import barrier, launched_world
 from potstill.core.errors import UserError
 from potstill.core.io import atomic_write_text, fresh_temporary_dir
 from potstill.methods import method_class, method_config
@@ -120,6 +121,11 @@ def cpu_cores() -> int:
 def worker_count(recipe: RecipeBase, task, jobs: int) -> int:
     """How many processes train the jobs (see ``RecipeBase.workers``); 1: this one."""
     parallel = getattr(task, "parallel_jobs", False)
+    if launched_world().parallel:  # the processes of torchrun train each student together
+        if recipe.workers is not None and recipe.workers > 1:
+            raise UserError(f"workers={recipe.workers} cannot be combined with torchrun / --nproc: every process "
+                            "already trains its share of each student; set workers: 1")
+        return 1
     if recipe.workers is None:
         on_cpu = resolve_runtime(recipe.device, recipe.precision).device.type == "cpu"
         wanted = cpu_cores() if parallel and on_cpu and recipe.threads == 1 else 1
@@ -136,8 +142,17 @@ def run_recipe(recipe: RecipeBase | None, run_dir: Path, *, resume: bool = False
     """Run (or resume) a recipe in ``run_dir``; ``started``: the ``time.monotonic()`` the printed
     duration counts from (default: now)."""
     began = time.monotonic() if started is None else started
+    here = launched_world()
+    # under torchrun rank 0 alone prints, writes the run directory, prepares the teacher first and
+    # writes every result and the report; each rank trains its share of every student
     console = console or Console(stderr=True)
-    recipe = prepare_run_dir(run_dir, recipe, resume)
+    if not here.is_main:
+        console = Console(stderr=True, quiet=True)
+    if here.is_main:
+        recipe = prepare_run_dir(run_dir, recipe, resume)
+    barrier()
+    if not here.is_main:
+        recipe = recipe if recipe is not None else load_recipe(str(run_dir / "config.yaml"))
     if recipe.threads:
         torch.set_num_threads(recipe.threads)
     task = make_task(recipe)
@@ -160,9 +175,16 @@ def run_recipe(recipe: RecipeBase | None, run_dir: Path, *, resume: bool = False
             task, finished = pool.run(task, todo, on_step_factory)
             done.update(finished)
         else:
-            task.prepare_teacher(on_step_factory)
+            if here.is_main:  # keeps what the other ranks then load (a teacher it trained, caches)
+                task.prepare_teacher(on_step_factory)
+            barrier()
+            if not here.is_main:
+                task.prepare_teacher(on_step_factory)
             for job in todo:
                 done[job.label] = run_job(task, job, on_step_factory(job.label, job.steps))
+    if not here.is_main:
+        barrier()  # rank 0 writes the report (a chain's next stage reads it)
+        return json.loads((run_dir / "report.json").read_text())
     results: dict[str, list[dict]] = {}
     for job in jobs:  # the recipe's order, whichever finished first
         results.setdefault(job.name, []).append(done[job.label])
@@ -177,5 +199,7 @@ def run_recipe(recipe: RecipeBase | None, run_dir: Path, *, resume: bool = False
     print_summary(console, report)
     console.print(f"report: {run_dir / 'report.html'}")
     in_workers = f" ({workers} worker processes)" if workers > 1 else ""
-    console.print(f"done in {time.monotonic() - began:.1f} s wall{in_workers}", highlight=False)
+    in_ranks = f" ({here.size} processes)" if here.parallel else ""
+    console.print(f"done in {time.monotonic() - began:.1f} s wall{in_workers}{in_ranks}", highlight=False)
+    barrier()
     return report

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Callable
 
 from potstill.config import StudentConfig
+from potstill.core.distributed import launched_world
 from potstill.core.io import atomic_write_json
 
 OnStep = Callable[[int, dict[str, float]], None]
@@ -64,7 +65,8 @@ def _write_result(job: Job, result: dict) -> dict:
     result["seed"] = job.seed
     if "artifact" in result:  # the folder that holds the model, from the run directory
         result["artifact"] = (job.folder.relative_to(job.folder.parents[2]) / result["artifact"]).as_posix()
-    atomic_write_json(job.folder / "result.json", result)
+    if launched_world().is_main:  # under torchrun every rank has the result; rank 0 writes it
+        atomic_write_json(job.folder / "result.json", result)
     return result
 
 

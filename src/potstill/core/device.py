@@ -9,6 +9,7 @@ from typing import Literal
 
 import torch
 
+from potstill.core.distributed import launched_world
 from potstill.core.errors import UserError
 
 DeviceName = Literal["auto", "cpu", "cuda"]
@@ -34,6 +35,8 @@ def resolve_runtime(device: DeviceName = "auto", precision: PrecisionName = "aut
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("device='cuda' was asked for, but torch sees no CUDA device; use device=auto or cpu")
     chosen = torch.device("cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu")
+    if chosen.type == "cuda" and launched_world().parallel:  # one GPU per process under torchrun
+        chosen = torch.device("cuda", launched_world().local_rank)
     if precision == "auto":
         precision = "bf16" if chosen.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     return Runtime(chosen, precision)

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from potstill.batches import ClassBatch
 from potstill.config import RecipeBase, Strict, StudentConfig, TrainConfig, absolute_path
 from potstill.core.device import resolve_runtime
+from potstill.core.distributed import launched_world
 from potstill.core.errors import UserError
 from potstill.core.hashing import tensor_digest, weights_sha256
 from potstill.data.classification import BatchSource, DataConfig, load_classification
@@ -37,7 +38,7 @@ from potstill.teachers.ensemble import EnsembleTeacher, ensemble_capabilities
 from potstill.teachers.local import LocalTeacher
 from potstill.teachers.precomputed import PrecomputedTeacher
 from potstill.teachers.store import StoreTeacher
-from potstill.train.trainer import train
+from potstill.train.trainer import best_student, train
 
 
 class TeacherConfig(Strict):
@@ -337,14 +338,16 @@ class ClassificationTask(TaskBase):
         selection = self.selection()
         result = train(method, batches=batches, evaluate=lambda: self._val_metrics(student), cfg=recipe.train,
                        out_dir=out_dir, selection=selection["metric"], higher_is_better=selection["higher_is_better"],
-                       on_step=on_step, runtime=self.runtime)
-        method.load_state_dict(result.best_state)
-        save_classifier(student, recipe.student, self.data.input_shape, self.data.num_classes, out_dir,
-                        provenance={"recipe": recipe.name, "task": "classification", "student": name,
-                                    "method": cfg.method, "params": cfg.params, "seed": seed,
-                                    "selected_step": result.best_step,
-                                    "selected_value": {"val/accuracy": result.best_value},
-                                    "teacher": teacher.description if teacher is not None else None})
+                       on_step=on_step, runtime=self.runtime, strategy=recipe.distributed.strategy)
+        student = best_student(method, result, lambda: build_classifier(recipe.student, self.data.input_shape,
+                                                                         self.data.num_classes).to(self.runtime.device))
+        if launched_world().is_main:
+            save_classifier(student, recipe.student, self.data.input_shape, self.data.num_classes, out_dir,
+                            provenance={"recipe": recipe.name, "task": "classification", "student": name,
+                                        "method": cfg.method, "params": cfg.params, "seed": seed,
+                                        "selected_step": result.best_step,
+                                        "selected_value": {"val/accuracy": result.best_value},
+                                        "teacher": teacher.description if teacher is not None else None})
         return student, {"best_step": result.best_step, "best_val": result.best_value,
                          "resumed_from": result.resumed_from}
 

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file
 
+from potstill.core.distributed import launched_world, solo
 from potstill.core.hashing import json_digest
 from potstill.core.io import atomic_write_json, save_tensors
 from potstill.core.paths import cache_dir
@@ -44,11 +45,16 @@ def keep_once(kind: str, spec: dict, model: torch.nn.Module, train: Callable[[Pa
     weights (its best step, validation value...).
     """
     folder = kept_dir(kind, spec)
-    if reuse and is_kept(kind, spec):
+    # Under torchrun rank 0 trains (alone) and keeps the teacher before any other rank gets here
+    # (potstill.app.run), so the others load what it kept, whatever ``reuse`` says.
+    if (reuse or not launched_world().is_main) and is_kept(kind, spec):
         load_kept(model, folder)
         return True, folder.name
+    if not launched_world().is_main:
+        raise RuntimeError(f"rank {launched_world().rank}: the teacher {folder.name} that rank 0 trains is not kept")
     partial = folder.with_name(folder.name + ".partial")
-    record = train(partial)
+    with solo():
+        record = train(partial)
     partial.mkdir(parents=True, exist_ok=True)
     save_tensors(partial / WEIGHTS, model.state_dict())
     atomic_write_json(partial / "info.json", {"spec": spec, **record})

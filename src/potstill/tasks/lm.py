@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from potstill.core.device import resolve_runtime
+from potstill.core.distributed import launched_world
 from potstill.core.errors import UserError
 from potstill.core.hashing import json_digest, tokenizer_sha256, weights_sha256
 from potstill.core.io import save_tensors
@@ -49,7 +50,7 @@ from potstill.teachers.base import TeacherSpec
 from potstill.teachers.lm import LMTeacher
 from potstill.teachers.lm_ensemble import LMEnsembleTeacher, lm_ensemble_capabilities
 from potstill.teachers.store import StoreTeacher
-from potstill.train.trainer import train
+from potstill.train.trainer import best_student, train
 
 
 @register_task
@@ -393,17 +394,18 @@ class LMTask(TaskBase):
         with PeakMemory() as memory:
             result = train(method, batches=batches, evaluate=lambda: self._val_metrics(student), cfg=recipe.train,
                            out_dir=out_dir, selection=selection["metric"], higher_is_better=selection["higher_is_better"],
-                           on_step=on_step, runtime=self.runtime)
+                           on_step=on_step, runtime=self.runtime, strategy=recipe.distributed.strategy)
         elapsed = time.perf_counter() - started
-        method.load_state_dict(result.best_state)
-        student.eval()
-        save_tensors(out_dir / "student.safetensors", student.state_dict())
+        student = best_student(method, result, lambda: self._new_student(seed)).eval()
         ev = recipe.eval
-        save_student_folder(student, self.tokenizer, out_dir / "model", max_new_tokens=ev.generation_tokens,
-                            provenance={"recipe": recipe.name, "task": "lm", "student": name, "method": cfg.method,
-                                        "params": cfg.params, "seed": seed, "selected_step": result.best_step,
-                                        "selected_value": {"val/perplexity": result.best_value},
-                                        "teacher": self.teacher.description})
+        if launched_world().is_main:
+            save_tensors(out_dir / "student.safetensors", student.state_dict())
+            save_student_folder(student, self.tokenizer, out_dir / "model", max_new_tokens=ev.generation_tokens,
+                                provenance={"recipe": recipe.name, "task": "lm", "student": name,
+                                            "method": cfg.method, "params": cfg.params, "seed": seed,
+                                            "selected_step": result.best_step,
+                                            "selected_value": {"val/perplexity": result.best_value},
+                                            "teacher": self.teacher.description})
 
         held_out = evaluate_lm(student, batches=self._test_batches(), **self._eval_teacher())
         tokens = result.trained_items

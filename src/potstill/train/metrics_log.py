@@ -7,14 +7,17 @@ from pathlib import Path
 
 
 class MetricsLog:
-    def __init__(self, path: Path, resume_offset: int | None, tensorboard: bool = True):
-        self.path = path
+    def __init__(self, path: Path, resume_offset: int | None, tensorboard: bool = True, writes: bool = True):
+        """``writes=False``: a log that drops every record (the ranks of a distributed run but rank 0)."""
+        self.path, self.writes = path, writes
+        self.writer = None
+        if not writes:
+            return
         if resume_offset is None:
             path.write_text("")
         elif path.exists() and path.stat().st_size > resume_offset:
             with open(path, "r+") as handle:
                 handle.truncate(resume_offset)
-        self.writer = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -24,6 +27,8 @@ class MetricsLog:
                 self.writer = SummaryWriter(str(path.parent / "tensorboard"))
 
     def write(self, record: dict) -> None:
+        if not self.writes:
+            return
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
         if self.writer is not None:
