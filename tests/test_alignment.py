@@ -275,3 +275,16 @@ def test_real_smollm2_and_gemma3_tokenizers_align(words):
     assert chat.num_spans >= 4
     vmap = build_vocab_map(student, teacher)
     assert 20_000 < len(vmap.student_ids) < 49_152
+
+
+def test_chat_without_a_template_uses_the_fallback_format(byte_bpe, corpus):
+    plain = train_tiny_sentencepiece_tokenizer(corpus[:5], vocab_size=300)
+    plain.chat_template = None  # like Gemma's GGUF tokenizer
+    messages = [{"role": "user", "content": "Hi 😀 日本語"}, {"role": "assistant", "content": "Hello e\u0301!"}]
+    al = align_chat(messages, byte_bpe, plain)
+    sp, tp = check_spans(al, byte_bpe, plain)
+    assert plain.decode(al.teacher_ids.tolist()) == "<bos>User: Hi 😀 日本語\nAssistant: Hello e\u0301!"
+    got = b"".join(b"".join(tp[t0:t1]) for _, _, t0, t1 in al.spans.tolist())
+    assert got.decode("utf-8", errors="ignore").replace(" ", "").startswith("Hi") and al.num_spans >= 4
+    with pytest.raises(AlignmentError, match="roles"):
+        align_chat([{"role": "system", "content": "x"}] + messages, byte_bpe, plain)

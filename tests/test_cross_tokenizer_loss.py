@@ -3,8 +3,6 @@ out here, and the identity: with one tokenizer the hybrid is same-tokenizer KD e
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 from helpers import finite_difference_check
@@ -201,4 +199,3 @@ def test_bad_inputs_are_clear_errors():
         cross_tokenizer_loss(c["h"], c["w"], c["th"], c["tw"], one_token_rows(3), divergence="nope")
     with pytest.raises(ValueError, match="vocab_map is for"):
         cross_tokenizer_loss(c["h"], c["w"], c["th"], c["tw"], one_token_rows(3), vocab_map=VocabMap.identity(5))
-    assert random.Random(0).random() < 1  # (seeded: nothing here is random beyond the generators above)

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from potstill.data.text.token_bytes import AlignmentError, TokenBytes, token_bytes
+from potstill.models.hf.chat import format_prompt, has_chat_template
 
 __all__ = ["Alignment", "align_ids", "align_text", "align_chat", "retokenize_for_teacher", "AlignmentError"]
 
@@ -224,7 +225,21 @@ def retokenize_for_teacher(student_ids: Sequence[int] | Tensor, student_tokenize
 
 
 def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    """The chat template's rendering; without one (Gemma's GGUF tokenizer), the repo's fallback
+    format for a user turn and an optional answer (:func:`potstill.models.hf.chat.format_prompt`,
+    as training data is encoded), after the BOS the tokenizer adds to plain text."""
+    if has_chat_template(tokenizer):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    roles = [m["role"] for m in messages]
+    if roles not in (["user"], ["user", "assistant"]):
+        raise AlignmentError(f"a tokenizer without a chat template renders a user turn and an optional answer, "
+                             f"not the roles {roles}")
+    text = format_prompt(tokenizer, str(messages[0]["content"]))
+    if len(messages) == 2:
+        text += " " + str(messages[1]["content"])
+    bos = tokenizer.bos_token_id
+    adds_bos = bos is not None and bos in tokenizer("", add_special_tokens=True)["input_ids"]
+    return (tokenizer.bos_token if adds_bos else "") + text
 
 
 def _content_regions(rendered: str, contents: list[str], side: str) -> list[tuple[int, int]]:
