@@ -72,7 +72,9 @@ class Manifest(_Model):
     shard_size: int
     bytes_per_token: int  # LM: per position; classification: per example
     teacher: TeacherIdentity
-    tokenizer_sha256: str | None
+    tokenizer_sha256: str | None  # the teacher's tokenizer (the ids the targets are over)
+    # cross-tokenizer stores: the student tokenizer the store was built for (None: the teacher's own)
+    student_tokenizer_sha256: str | None = None
     dataset_fingerprint: str
     held_out: HeldOut | None
     teacher_responses: list[str] | None = None  # chat data: the teacher answers the store was built from
@@ -92,7 +94,7 @@ class Manifest(_Model):
 # settings that identify a store: a rerun into the same directory must agree on all of them
 SETTINGS = ("format_version", "task", "format", "k", "exact", "temperature", "seed", "dtype", "ids_dtype",
             "vocab_size", "seq_len", "num_examples", "shard_size", "teacher.weights_sha256", "tokenizer_sha256",
-            "dataset_fingerprint", "held_out.num_examples", "held_out.dataset_fingerprint", "teacher_responses")
+            "student_tokenizer_sha256", "dataset_fingerprint", "held_out.num_examples", "held_out.dataset_fingerprint", "teacher_responses")
 
 
 def ids_dtype(vocab_size: int) -> str:
@@ -186,6 +188,10 @@ def check_setup(manifest: Manifest, folder: Path, **run: Any) -> None:
     hint = "; rebuild it with `potstill store` for this recipe"
     if "task" in run and run["task"] != manifest.task:
         raise UserError(f"{where} holds {manifest.task} targets; this recipe is a {run['task']} task")
+    if "tokenizer_sha256" in run and manifest.student_tokenizer_sha256 is not None:
+        raise UserError(f"{where} was built for a cross-tokenizer pair (teacher {_show(manifest.tokenizer_sha256)}, "
+                        f"student {_show(manifest.student_tokenizer_sha256)}); this run distils with one tokenizer "
+                        f"({_show(run['tokenizer_sha256'])}){hint}")
     if "tokenizer_sha256" in run and run["tokenizer_sha256"] != manifest.tokenizer_sha256:
         raise UserError(f"{where}: tokenizer differs (store {_show(manifest.tokenizer_sha256)}, "
                         f"run {_show(run['tokenizer_sha256'])}){hint}")
@@ -201,3 +207,14 @@ def check_setup(manifest: Manifest, folder: Path, **run: Any) -> None:
     if held is not None and "heldout_fingerprint" in run and run["heldout_fingerprint"] != held.dataset_fingerprint:
         raise UserError(f"{where}: held-out (test) split differs (store {held.dataset_fingerprint[:12]}…, "
                         f"run {run['heldout_fingerprint'][:12]}…){hint}")
+
+
+def check_tokenizer_pair(manifest: Manifest, folder: Path, *, teacher_sha256: str, student_sha256: str) -> None:
+    """Refuse (one line, naming both pairs) a store built for another (teacher, student) tokenizer
+    pair. A store built without a student tokenizer recorded is the teacher's own: it serves only a
+    student with the teacher's tokenizer."""
+    recorded = (manifest.tokenizer_sha256, manifest.student_tokenizer_sha256 or manifest.tokenizer_sha256)
+    if (teacher_sha256, student_sha256) != recorded:
+        raise UserError(f"teacher store {folder} was built for the tokenizer pair teacher {_show(recorded[0])}, student "
+                        f"{_show(recorded[1])}; this run has teacher {_show(teacher_sha256)}, student "
+                        f"{_show(student_sha256)}; rebuild it with `potstill store` for this pair")

@@ -33,3 +33,4 @@ class StoreSource:
     teacher: TeacherIdentity
     teacher_report: Callable[[], dict]
     teacher_responses: list[str] | None = None
+    student_tokenizer_sha256: str | None = None  # cross-tokenizer stores: the student's tokenizer

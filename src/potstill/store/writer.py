@@ -112,6 +112,7 @@ def new_manifest(source: StoreSource, *, fmt: str, k: int | None, temperature: f
         vocab_size=source.vocab_size, seq_len=source.seq_len, num_examples=source.num_examples,
         shard_size=shard_size, bytes_per_token=bytes_per_token(source.task, fmt, k, source.vocab_size, exact),
         teacher=source.teacher, tokenizer_sha256=source.tokenizer_sha256,
+        student_tokenizer_sha256=source.student_tokenizer_sha256,
         dataset_fingerprint=source.dataset_fingerprint, held_out=held, teacher_responses=source.teacher_responses,
         created=datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), potstill_version=potstill.__version__)
 

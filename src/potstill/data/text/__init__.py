@@ -14,12 +14,17 @@ Conventions used throughout:
   two always agree.
 """
 
+from potstill.data.text.alignment import (Alignment, AlignmentError, align_chat, align_ids, align_text,
+                                          retokenize_for_teacher)
 from potstill.data.text.chat import collate_chat, encode_chat
 from potstill.data.text.corpus import pydoc_documents
 from potstill.data.text.generations import generate_responses, generation_cache_key
 from potstill.data.text.packing import pack_documents, split, split_by_size
 from potstill.data.text.prompts import PROMPTS
-from potstill.data.text.tokenizer import TINY_CHAT_TEMPLATE, train_tiny_tokenizer
+from potstill.data.text.span_rows import span_rows
+from potstill.data.text.tokenizer import (TINY_CHAT_TEMPLATE, TINY_GEMMA_CHAT_TEMPLATE, train_tiny_sentencepiece_tokenizer,
+                                          train_tiny_tokenizer)
+from potstill.data.text.vocab_map import build_vocab_map
 
 __all__ = [
     "PROMPTS",
@@ -33,4 +38,14 @@ __all__ = [
     "generation_cache_key",
     "train_tiny_tokenizer",
     "TINY_CHAT_TEMPLATE",
+    "TINY_GEMMA_CHAT_TEMPLATE",
+    "train_tiny_sentencepiece_tokenizer",
+    "Alignment",
+    "AlignmentError",
+    "align_ids",
+    "align_text",
+    "align_chat",
+    "retokenize_for_teacher",
+    "span_rows",
+    "build_vocab_map",
 ]
