@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -25,6 +26,21 @@ TINY_RECIPE = {
     "students": {"baseline": {"method": "ce"}, "kd": {"method": "kd"}},
     "eval": {"latency_repeats": 2},
 }
+
+
+@contextlib.contextmanager
+def session_cache(tmp_path_factory):
+    """The per-session cache of conftest (session fixtures run outside its function-scoped fixture)."""
+    cache = os.environ.setdefault("POTSTILL_TEST_CACHE", str(tmp_path_factory.getbasetemp() / "potstill-cache"))
+    old = os.environ.get("POTSTILL_CACHE_DIR")
+    os.environ["POTSTILL_CACHE_DIR"] = cache
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("POTSTILL_CACHE_DIR", None)
+        else:
+            os.environ["POTSTILL_CACHE_DIR"] = old
 
 
 def write_recipe(folder: Path, **changes) -> Path:

@@ -1,7 +1,6 @@
 """Offline teacher store with real tasks: `potstill store` killed and resumed, training from a store
 (LM sampled store, classification dense store), and every refusal of a store that does not fit."""
 
-import contextlib
 import gc
 import json
 import math
@@ -16,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import TINY_RECIPE, potstill
+from helpers import TINY_RECIPE, potstill, session_cache
 from potstill.app.run import check_students, run_recipe
 from potstill.app.store import store_source
 from potstill.batches import TokenBatch
@@ -39,21 +38,6 @@ def _silent(label, total):
     return lambda step, losses: None
 
 
-@contextlib.contextmanager
-def _session_cache(tmp_path_factory):
-    """The per-session cache of conftest (session fixtures run outside its function-scoped fixture)."""
-    cache = os.environ.setdefault("POTSTILL_TEST_CACHE", str(tmp_path_factory.getbasetemp() / "potstill-cache"))
-    old = os.environ.get("POTSTILL_CACHE_DIR")
-    os.environ["POTSTILL_CACHE_DIR"] = cache
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("POTSTILL_CACHE_DIR", None)
-        else:
-            os.environ["POTSTILL_CACHE_DIR"] = old
-
-
 @pytest.fixture(scope="session")
 def lm_recipe(tmp_path_factory) -> Path:
     data = load_recipe_data("smollm2-smoke")
@@ -74,7 +58,7 @@ def lm_recipe(tmp_path_factory) -> Path:
 def lm_store(lm_recipe, tmp_path_factory) -> Path:
     """A sampled store built in-process, uninterrupted (the reference of the crash test)."""
     folder = tmp_path_factory.mktemp("lm-store") / "store"
-    with _session_cache(tmp_path_factory):
+    with session_cache(tmp_path_factory):
         source = store_source(load_recipe(str(lm_recipe)))
         build_store(source, folder, fmt="sampled", k=None, temperature=1.0, seed=0, shard_size=SHARD)
     return folder
@@ -95,7 +79,7 @@ def cls_recipe(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def cls_store(cls_recipe, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("cls-store") / "store"
-    with _session_cache(tmp_path_factory):
+    with session_cache(tmp_path_factory):
         build_store(store_source(load_recipe(str(cls_recipe))), folder, fmt="dense", k=None, temperature=1.0,
                     seed=0, shard_size=256)
     return folder

@@ -8,6 +8,7 @@ torchrun yourself (docs/distributed.md).
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
@@ -39,4 +40,11 @@ def launch_torchrun(nproc: int, argv: list[str], out: Path | None) -> int:
         args += ["--out", str(out)]
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                "--master_addr=127.0.0.1", f"--master_port={free_port()}", "--module", "potstill", *args]
-    return subprocess.call(command)
+    return subprocess.call(command, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+
+
+def _die_with_parent() -> None:
+    """torchrun gets SIGKILL when this process dies, however it dies (and its ranks then stop too)."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG

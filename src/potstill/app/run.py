@@ -193,6 +193,12 @@ def run_recipe(recipe: RecipeBase | None, run_dir: Path, *, resume: bool = False
     if skipped:
         report["skipped_students"] = skipped
         report["protocol"].setdefault("notes", []).extend(f"student {n} not trained: {r}" for n, r in skipped.items())
+    if here.parallel:
+        report["distributed"] = {"world_size": here.size,
+                                 "strategy": {name: runs[0].get("parallel") for name, runs in results.items()}}
+        report["protocol"].setdefault("notes", []).append(
+            f"trained by {here.size} processes (torchrun), each on its share of every global batch; the same "
+            "recipe in one process gives the same weights to float tolerance (docs/distributed.md)")
     report["wall_seconds"] = round(time.time() - started, 1)
     report["workers"] = workers
     write_report(run_dir, report)

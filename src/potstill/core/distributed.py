@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Iterator
@@ -64,7 +66,15 @@ def init_from_env(timeout: timedelta = DEFAULT_TIMEOUT) -> World:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
             backend = "cpu:gloo,cuda:nccl"
         dist.init_process_group(backend=backend, timeout=timeout)
+        threading.Thread(target=_exit_with_launcher, args=(os.getppid(),), daemon=True).start()
     return world()
+
+
+def _exit_with_launcher(launcher: int) -> None:
+    """A rank whose torchrun agent died (SIGKILL, OOM) stops at once, so a ``--resume`` never races it."""
+    while os.getppid() == launcher:
+        time.sleep(0.2)
+    os._exit(1)
 
 
 def world() -> World:

@@ -349,7 +349,7 @@ class ClassificationTask(TaskBase):
                                         "selected_value": {"val/accuracy": result.best_value},
                                         "teacher": teacher.description if teacher is not None else None})
         return student, {"best_step": result.best_step, "best_val": result.best_value,
-                         "resumed_from": result.resumed_from}
+                         "resumed_from": result.resumed_from, "parallel": result.parallel}
 
     def _evaluate_student(self, student: torch.nn.Module, trained: dict) -> dict:
         ev = self.recipe.eval

@@ -414,7 +414,7 @@ class LMTask(TaskBase):
                    "params": count_params(student), "tokens_per_s": tokens / elapsed if elapsed > 0 and tokens else 0.0,
                    "peak_memory_mb": memory.peak_mb}
         out = {"metrics": metrics, "best_step": result.best_step, "best_val": result.best_value,
-               "resumed_from": result.resumed_from, "artifact": "model"}
+               "resumed_from": result.resumed_from, "artifact": "model", "parallel": result.parallel}
         if seed == recipe.seed and ev.generations:
             out["generations"] = greedy_generate(student, self.tokenizer, self.heldout_prompts[:ev.generations],
                                                  ev.generation_tokens)

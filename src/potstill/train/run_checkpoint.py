@@ -121,7 +121,8 @@ def save_run_checkpoint(folder: Path, *, method: nn.Module, best_state: dict | N
     folder, here = Path(folder), world()
     building = folder.with_name(f".{folder.name}.building-{extra['step']}")
     if here.is_main:
-        shutil.rmtree(building, ignore_errors=True)
+        for stale in folder.parent.glob(f".{folder.name}.building-*"):  # left by a killed run
+            shutil.rmtree(stale, ignore_errors=True)
         building.mkdir(parents=True)
     barrier()
     flat, metas = _tensors(method, best_state, optimizers)

@@ -54,6 +54,7 @@ class TrainResult:
     #: the method's modules were sharded in place (FSDP2): rebuild the student and load best_state
     #: into it (:func:`best_student`) rather than loading it back into the method
     sharded: bool = False
+    parallel: str = "none"  # how the ranks shared the work: none (one process), ddp or fsdp
 
 
 def best_student(method: Method, result: TrainResult, new_student: Callable[[], torch.nn.Module]) -> torch.nn.Module:
@@ -223,4 +224,4 @@ def train(method: Method, *, batches: Batches, evaluate: Callable[[], dict[str, 
         best_state = snapshot(method)
     full = full_state(best_state) if parallel.kind == "fsdp" else best_state
     return TrainResult(full, best_step, best_value if best_value is not None else float("nan"),
-                       step, resumed_from, trained_items, sharded=parallel.kind == "fsdp")
+                       step, resumed_from, trained_items, sharded=parallel.kind == "fsdp", parallel=parallel.kind)
