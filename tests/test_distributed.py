@@ -203,3 +203,19 @@ def test_rank_share_splits_rows_in_order():
     assert torch.equal(torch.cat([p.x for p in parts]), batch.x)
     assert all(p.seed == 7 for p in parts)
 
+
+
+def _shard_digests(store: Path) -> dict[str, str]:
+    manifest = json.loads((store / "manifest.json").read_text())
+    shards = manifest["shards"] + (manifest["held_out"]["shards"] if manifest["held_out"] else [])
+    return {s["file"]: s["sha256"] for s in shards}
+
+
+def test_a_store_written_by_two_ranks_equals_one_written_by_one(lm_store, tmp_path, tmp_path_factory):
+    store = tmp_path / "store"
+    with session_cache(tmp_path_factory):
+        built = potstill("store", str(_lm_recipe(tmp_path)), "--out", str(store), "--shard-size", "16",
+                         "--format", "topk", "--nproc", "2")
+    assert built.returncode == 0, built.stderr[-3000:]
+    assert _shard_digests(store) == _shard_digests(lm_store) and len(_shard_digests(store)) > 2
+    assert not list(store.glob(".progress-rank*"))

@@ -86,11 +86,16 @@ def store(
     eval_targets: str = typer.Option("dense", "--eval-targets", help="dense: also store the test split's teacher "
                                      "log-probs (exact kl_to_teacher/agreement without the teacher); none: skip."),
     set_: List[str] = typer.Option([], "--set", help="Override a config key, as for distill (repeatable)."),
+    nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help="Write the shards with N processes on this "
+                                        "machine (launches torchrun; each writes its own shards, rank 0 the manifest)."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Run the teacher once over the recipe's data and store its targets for `distill --set teacher.store=DIR`."""
     DEBUG["on"] = debug
     import torch
+
+    from potstill.app.launch import launch_torchrun
+    from potstill.core.distributed import init_from_env, launched_by_torchrun, launched_world
 
     from potstill.app.run import bar_factory, progress_bars
     from potstill.app.store import store_source
@@ -110,9 +115,13 @@ def store(
     check_settings(loaded.task, fmt, k, temperature, shard_size, exact=exact)
     check_existing(out, task=loaded.task, fmt=fmt, k=k, temperature=temperature, seed=seed, shard_size=shard_size,
                    eval_targets=eval_targets, exact=exact)
+    if nproc is not None and nproc > 1 and not launched_by_torchrun():
+        raise typer.Exit(launch_torchrun(nproc, sys.argv[1:], None))
+    init_from_env()
+    shown = console if launched_world().is_main else Console(stderr=True, quiet=True)
     if getattr(loaded, "threads", None):
         torch.set_num_threads(loaded.threads)
-    with progress_bars(console) as progress:
+    with progress_bars(shown) as progress:
         source = store_source(loaded, bar_factory(progress))
         bars: dict = {}
 
@@ -132,11 +141,11 @@ def store(
     unit = "example" if manifest.task == "classification" else "token"
     k_text = (f", exact={manifest.exact}" if manifest.exact else "") + (f", k={manifest.k}" if manifest.k is not None
                                                                          else "")
-    console.print(f"teacher store {out}: {manifest.format}{k_text}, T={manifest.temperature:g}, "
-                  f"{manifest.bytes_per_token} bytes/{unit}, {_size(size)} of training targets; "
-                  f"{computed} of {total} shards computed now, {total - computed} already there", highlight=False)
+    shown.print(f"teacher store {out}: {manifest.format}{k_text}, T={manifest.temperature:g}, "
+                f"{manifest.bytes_per_token} bytes/{unit}, {_size(size)} of training targets; "
+                f"{computed} of {total} shards computed now, {total - computed} already there", highlight=False)
     sets = "".join(f" --set {item}" for item in set_)
-    console.print(f"train from it: potstill distill {recipe}{sets} --set teacher.store={out}", highlight=False)
+    shown.print(f"train from it: potstill distill {recipe}{sets} --set teacher.store={out}", highlight=False)
 
 
 @app.command()

@@ -10,6 +10,7 @@ named and recomputed) and computes only the missing ones. Sampling uses a genera
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -18,8 +19,9 @@ import torch
 from torch import Tensor
 
 import potstill
+from potstill.core.distributed import barrier, gather_objects, world
 from potstill.core.hashing import file_sha256
-from potstill.core.io import save_tensors
+from potstill.core.io import atomic_write_json, save_tensors
 from potstill.data.order import keyed_generator
 from potstill.core.errors import UserError
 from potstill.store.manifest import (DEFAULT_EXACT, MANIFEST, HeldOut, Manifest, ShardInfo, bytes_per_token,
@@ -178,54 +180,101 @@ def build_store(source: StoreSource, folder: Path, *, fmt: str, k: int | None, t
                 shard_size: int, eval_targets: str = "dense", warn: Callable[[str], None] = print,
                 on_shard: Callable[[int, int], None] | None = None,
                 exact: int | None = None) -> tuple[Manifest, int]:
-    """Write (or finish) the store in ``folder``; returns (manifest, shards computed by this call)."""
-    folder = Path(folder)
-    manifest = _open_folder(folder, new_manifest(source, fmt=fmt, k=k, temperature=temperature, seed=seed,
-                                                 shard_size=shard_size, eval_targets=eval_targets, exact=exact), warn)
-    complete = (len(manifest.shards) == manifest.num_shards()
-                and (manifest.held_out is None or len(manifest.held_out.shards) == manifest.num_heldout_shards()))
-    if complete and manifest.complete:
+    """Write (or finish) the store in ``folder``; returns (manifest, shards computed by this call).
+
+    Under torchrun every rank computes the missing shards whose index is its rank modulo the world
+    size and writes them itself; rank 0 alone writes the one manifest. Each rank also keeps the
+    list of shards it finished in ``.progress-rank<r>.json``, so a run killed before the manifest
+    caught up loses no finished shard (whatever world size finishes it).
+    """
+    folder, here = Path(folder), world()
+    new = new_manifest(source, fmt=fmt, k=k, temperature=temperature, seed=seed, shard_size=shard_size,
+                       eval_targets=eval_targets, exact=exact)
+    if here.is_main:
+        manifest = _open_folder(folder, new, warn)
+        _adopt_progress(folder, manifest, warn)
+        if not (manifest.complete and _all_shards(manifest)):  # a finished store is left as it is
+            manifest.complete = False
+            save_manifest(folder, manifest)
+    barrier()
+    manifest = load_manifest(folder)
+    if manifest.complete and _all_shards(manifest):
         return manifest, 0
-    manifest.complete = False
-    save_manifest(folder, manifest)
     total = manifest.num_shards() + manifest.num_heldout_shards()
     done_train = {s.first // shard_size for s in manifest.shards}
     done_held = {s.first // shard_size for s in manifest.held_out.shards} if manifest.held_out else set()
-    computed = 0
+    mine: list[tuple[str, ShardInfo]] = []
+    progress = {"done": len(done_train) + len(done_held)}
+
+    def finished(split: str, info: ShardInfo) -> None:
+        mine.append((split, info))
+        if here.parallel:
+            atomic_write_json(folder / f".progress-rank{here.rank}.json", [[p, i.model_dump()] for p, i in mine])
+        else:  # one process: the manifest itself keeps up, as before
+            (manifest.shards if split == "train" else manifest.held_out.shards).append(info)
+            manifest.shards.sort(key=lambda s: s.first)
+            if manifest.held_out is not None:
+                manifest.held_out.shards.sort(key=lambda s: s.first)
+            save_manifest(folder, manifest)
+        progress["done"] += 1
+        if on_shard:
+            on_shard(progress["done"] if not here.parallel else progress["done"] * here.size, total)
+
     if on_shard:
-        on_shard(len(done_train) + len(done_held), total)
+        on_shard(progress["done"], total)
     for index in range(manifest.num_shards()):
-        if index in done_train:
+        if index in done_train or index % here.size != here.rank:
             continue
         first, stop = index * shard_size, min((index + 1) * shard_size, manifest.num_examples)
         generator = keyed_generator(seed, index, 7) if fmt == "sampled" else None
         parts = [encode_targets(source.logits("train", s, min(s + source.batch_size, stop)), manifest, generator)
                  for s in range(first, stop, source.batch_size)]
         tensors = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
-        manifest.shards = sorted(manifest.shards + [_shard(folder, f"train-{index:05d}.safetensors", first, stop,
-                                                           tensors, manifest)], key=lambda s: s.first)
-        save_manifest(folder, manifest)
-        computed += 1
-        done_train.add(index)
-        if on_shard:
-            on_shard(len(done_train) + len(done_held), total)
+        finished("train", _shard(folder, f"train-{index:05d}.safetensors", first, stop, tensors, manifest))
     for index in range(manifest.num_heldout_shards()):
-        if index in done_held:
+        if index in done_held or index % here.size != here.rank:
             continue
         first, stop = index * shard_size, min((index + 1) * shard_size, manifest.held_out.num_examples)
         tensors = _heldout_tensors(source, first, stop)
-        manifest.held_out.shards = sorted(manifest.held_out.shards + [
-            _shard(folder, f"heldout-{index:05d}.safetensors", first, stop, tensors, manifest)], key=lambda s: s.first)
+        finished("heldout", _shard(folder, f"heldout-{index:05d}.safetensors", first, stop, tensors, manifest))
+    everyone = gather_objects(mine)
+    computed = sum(len(part) for part in everyone)
+    if here.is_main:
+        if here.parallel:
+            for split, info in (item for part in everyone for item in part):
+                (manifest.shards if split == "train" else manifest.held_out.shards).append(info)
+            manifest.shards.sort(key=lambda s: s.first)
+            if manifest.held_out is not None:
+                manifest.held_out.shards.sort(key=lambda s: s.first)
+        if manifest.teacher_report is None or computed:
+            manifest.teacher_report = source.teacher_report()
+        manifest.complete = True
         save_manifest(folder, manifest)
-        computed += 1
-        done_held.add(index)
-        if on_shard:
-            on_shard(len(done_train) + len(done_held), total)
-    if manifest.teacher_report is None or computed:
-        manifest.teacher_report = source.teacher_report()
-    manifest.complete = True
-    save_manifest(folder, manifest)
-    return manifest, computed
+        for stale in folder.glob(".progress-rank*.json"):
+            stale.unlink()
+    barrier()
+    return load_manifest(folder), computed
+
+
+def _all_shards(manifest: Manifest) -> bool:
+    return (len(manifest.shards) == manifest.num_shards()
+            and (manifest.held_out is None or len(manifest.held_out.shards) == manifest.num_heldout_shards()))
+
+
+def _adopt_progress(folder: Path, manifest: Manifest, warn: Callable[[str], None]) -> None:
+    """Shards that the ranks of a killed run finished but the manifest does not list yet (verified)."""
+    listed = {s.file for s in manifest.shards} | ({s.file for s in manifest.held_out.shards} if manifest.held_out else set())
+    for record in sorted(folder.glob(".progress-rank*.json")):
+        for split, raw in json.loads(record.read_text()):
+            info = ShardInfo.model_validate(raw)
+            if info.file in listed or not _verified(folder, [info], warn):
+                continue
+            (manifest.shards if split == "train" else manifest.held_out.shards).append(info)
+            listed.add(info.file)
+        record.unlink()
+    manifest.shards.sort(key=lambda s: s.first)
+    if manifest.held_out is not None:
+        manifest.held_out.shards.sort(key=lambda s: s.first)
 
 
 def _shard(folder: Path, name: str, first: int, stop: int, tensors: dict[str, Tensor], manifest: Manifest) -> ShardInfo:
