@@ -137,6 +137,21 @@ def test_lm_world_size_invariance_with_a_store_and_fsdp(lm_store, tmp_path):
     assert_same_weights(tmp_path / "one", tmp_path / "two")
 
 
+def test_a_sharded_teacher_scoring_every_step_gives_the_same_weights(tmp_path, tmp_path_factory):
+    data = yaml.safe_load(_lm_recipe(tmp_path).read_text())
+    data["teacher"]["precompute"] = False  # the teacher runs (sharded) in every step and evaluation
+    data["distributed"] = {"teacher": "shard"}
+    data["students"] = {"forward_kl": {"method": "lm_kd"}}
+    recipe = tmp_path / "sharded.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    with session_cache(tmp_path_factory):
+        one = _distill(recipe, tmp_path / "one")
+        two = _distill(recipe, tmp_path / "two", "--nproc", "2")
+    assert two["distributed"]["teacher"] == "shard"
+    assert_same_weights(tmp_path / "one", tmp_path / "two")
+    assert abs(one["teacher"]["metrics"]["perplexity"]["mean"] - two["teacher"]["metrics"]["perplexity"]["mean"]) < 1e-3
+
+
 def _rank_pids(marker: str, rank: int) -> list[int]:
     """Processes started with ``marker`` in their environment and RANK=rank (torchrun's workers)."""
     found = []

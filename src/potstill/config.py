@@ -63,6 +63,13 @@ class DistributedConfig(Strict):
         "auto: FSDP2 (fully_shard per decoder layer) for LM students, DDP for the rest; ddp: a full "
         "replica per process, gradients all-reduced; fsdp: parameters, gradients and optimizer state "
         "sharded (needs a model whose decoder layers it can name)."))
+    teacher: Literal["auto", "replicate", "shard"] = Field("auto", description=(
+        "An LM teacher model: replicate (a full copy per process) or shard (FSDP2 over its decoder layers; "
+        "its embedding, final norm and head stay whole). auto: shard when its weights exceed "
+        "shard_teacher_above_mb, else replicate."))
+    shard_teacher_above_mb: float = Field(2048.0, gt=0, description=(
+        "distributed.teacher=auto shards an LM teacher whose parameters take more than this many MiB "
+        "(as loaded); smaller teachers are replicated: their all-gathers would cost more than they save."))
 
 
 class RecipeBase(Strict):

@@ -28,7 +28,10 @@ def pooled_reliability(tables: list[dict]) -> dict:
     return merged
 
 
-def build_report(recipe: RecipeBase, task, results: dict[str, list[dict]], seeds: list[int]) -> dict:
+def build_report(recipe: RecipeBase, task, results: dict[str, list[dict]], seeds: list[int],
+                 teacher: dict | None = None) -> dict:
+    """``teacher``: the task's teacher report when the caller has it already (every rank of a
+    distributed run computes it, since a sharded teacher's forward is collective)."""
     students = {}
     for name, per_seed in results.items():
         per_seed = sorted(per_seed, key=lambda r: r["seed"])
@@ -54,7 +57,7 @@ def build_report(recipe: RecipeBase, task, results: dict[str, list[dict]], seeds
         "higher_is_better": task.higher_is_better,
         "curve_metric": task.curve_metric,
         "protocol": {**task.protocol(), "seeds": seeds},
-        "teacher": task.teacher_report(),
+        "teacher": teacher if teacher is not None else task.teacher_report(),
         "students": students,
     }
     report.update(task.report_extras(results))

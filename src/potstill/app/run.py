@@ -180,8 +180,11 @@ def run_recipe(recipe: RecipeBase | None, run_dir: Path, *, resume: bool = False
             barrier()
             if not here.is_main:
                 task.prepare_teacher(on_step_factory)
+            if here.parallel and hasattr(task, "distribute_teacher"):
+                task.distribute_teacher()  # every rank, together: sharding a teacher is collective
             for job in todo:
                 done[job.label] = run_job(task, job, on_step_factory(job.label, job.steps))
+    teacher = task.teacher_report() if here.parallel else None  # on every rank: it may run a sharded teacher
     if not here.is_main:
         barrier()  # rank 0 writes the report (a chain's next stage reads it)
         return json.loads((run_dir / "report.json").read_text())
@@ -189,13 +192,15 @@ def run_recipe(recipe: RecipeBase | None, run_dir: Path, *, resume: bool = False
     for job in jobs:  # the recipe's order, whichever finished first
         results.setdefault(job.name, []).append(done[job.label])
 
-    report = build_report(recipe, task, results, seeds)
+    report = build_report(recipe, task, results, seeds, teacher=teacher)
     if skipped:
         report["skipped_students"] = skipped
         report["protocol"].setdefault("notes", []).extend(f"student {n} not trained: {r}" for n, r in skipped.items())
     if here.parallel:
         report["distributed"] = {"world_size": here.size,
                                  "strategy": {name: runs[0].get("parallel") for name, runs in results.items()}}
+        if getattr(task, "teacher_layout", None):
+            report["distributed"]["teacher"] = task.teacher_layout
         report["protocol"].setdefault("notes", []).append(
             f"trained by {here.size} processes (torchrun), each on its share of every global batch; the same "
             "recipe in one process gives the same weights to float tolerance (docs/distributed.md)")

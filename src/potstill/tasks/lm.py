@@ -50,6 +50,7 @@ from potstill.teachers.base import TeacherSpec
 from potstill.teachers.lm import LMTeacher
 from potstill.teachers.lm_ensemble import LMEnsembleTeacher, lm_ensemble_capabilities
 from potstill.teachers.store import StoreTeacher
+from potstill.train.parallel import shard_teacher, teacher_layout
 from potstill.train.trainer import best_student, train
 
 
@@ -151,6 +152,18 @@ class LMTask(TaskBase):
         self.mixture = ensemble.mixture_rule()
         self.teacher = LMEnsembleTeacher(teachers, self.mixture)
         self.teacher_targets = f"ensemble of {len(cfgs)} teachers, {ensemble.rule()}; " + "; ".join(sources)
+
+    def distribute_teacher(self) -> None:
+        """Under torchrun, shard the teacher models that the layout rule says to (every rank, together)."""
+        d = self.recipe.distributed
+        self.teacher_layout = "replicate"
+        if self.recipe.student.init == "teacher_layers" and self._student_template is None and any(
+                teacher_layout(m, d.teacher, d.shard_teacher_above_mb) == "shard" for m in self.teacher_models):
+            self._student_template = self._new_student(self.recipe.seed)  # copied while the teacher is whole
+        for model in self.teacher_models:
+            if teacher_layout(model, d.teacher, d.shard_teacher_above_mb) == "shard":
+                shard_teacher(model, launched_world(), self.runtime.device)
+                self.teacher_layout = "shard"
 
     def _tiny_spec(self, cfg: LMTeacherConfig) -> dict:
         return {"hidden": cfg.tiny_hidden, "layers": cfg.tiny_layers, "train": cfg.train.model_dump(),

@@ -104,6 +104,36 @@ def parallelize(method: nn.Module, world: World, device: torch.device, strategy:
     return Parallel(method, method, world, "fsdp")
 
 
+def teacher_layout(model: nn.Module, choice: str, above_mb: float) -> Literal["replicate", "shard"]:
+    """Whether a frozen LM teacher is sharded: ``choice``, or for auto, by the size of its weights."""
+    if choice != "auto":
+        return choice
+    size_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    return "shard" if size_mb > above_mb and decoder_layers(model) else "replicate"
+
+
+def shard_teacher(model: nn.Module, world: World, device: torch.device) -> None:
+    """FSDP2 over a frozen teacher's decoder layers (each all-gathered for its own forward, then
+    freed); the decoder's own group (embedding, final norm: a tied head) is gathered once and kept,
+    because the chunked loss reads the head outside any forward. Every rank must then run the
+    teacher's forwards together, in the same order (the trainer's symmetric steps and evaluations do)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    if isinstance(decoder, FSDPModule):
+        return  # sharded for an earlier student
+    layers = decoder_layers(model)
+    if not layers:
+        raise UserError(f"distributed.teacher=shard: {type(model).__name__} names no decoder layer class "
+                        "(_no_split_modules) to shard; use distributed.teacher=replicate")
+    mesh = init_device_mesh(device.type, (world.size,))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(decoder, mesh=mesh)
+    decoder.unshard()
+
+
 @contextlib.contextmanager
 def gathered(parallel: Parallel) -> Iterator[None]:
     """Run code that calls the student outside the method's forward (evaluation, rollouts)."""
