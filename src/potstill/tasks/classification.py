@@ -349,7 +349,8 @@ class ClassificationTask(TaskBase):
                                         "selected_value": {"val/accuracy": result.best_value},
                                         "teacher": teacher.description if teacher is not None else None})
         return student, {"best_step": result.best_step, "best_val": result.best_value,
-                         "resumed_from": result.resumed_from, "parallel": result.parallel}
+                         "resumed_from": result.resumed_from, "parallel": result.parallel,
+                         "train_seconds": round(result.seconds, 3)}
 
     def _evaluate_student(self, student: torch.nn.Module, trained: dict) -> dict:
         ev = self.recipe.eval

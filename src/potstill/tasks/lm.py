@@ -427,7 +427,8 @@ class LMTask(TaskBase):
                    "params": count_params(student), "tokens_per_s": tokens / elapsed if elapsed > 0 and tokens else 0.0,
                    "peak_memory_mb": memory.peak_mb}
         out = {"metrics": metrics, "best_step": result.best_step, "best_val": result.best_value,
-               "resumed_from": result.resumed_from, "artifact": "model", "parallel": result.parallel}
+               "resumed_from": result.resumed_from, "artifact": "model", "parallel": result.parallel,
+               "train_seconds": round(result.seconds, 3)}
         if seed == recipe.seed and ev.generations:
             out["generations"] = greedy_generate(student, self.tokenizer, self.heldout_prompts[:ev.generations],
                                                  ev.generation_tokens)

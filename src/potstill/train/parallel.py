@@ -101,6 +101,9 @@ def parallelize(method: nn.Module, world: World, device: torch.device, strategy:
     for layer in layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(method, mesh=mesh)
+    # Make the method the root now: a rollout calls the student before the method's first forward,
+    # and its first layer would otherwise claim to be a root of its own.
+    fully_shard.state(method)._lazy_init()
     return Parallel(method, method, world, "fsdp")
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import math
 import operator
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
@@ -55,6 +56,7 @@ class TrainResult:
     #: into it (:func:`best_student`) rather than loading it back into the method
     sharded: bool = False
     parallel: str = "none"  # how the ranks shared the work: none (one process), ddp or fsdp
+    seconds: float = 0.0  # wall time of this call's steps (evaluations and checkpoints included)
 
 
 def best_student(method: Method, result: TrainResult, new_student: Callable[[], torch.nn.Module]) -> torch.nn.Module:
@@ -175,6 +177,7 @@ def train(method: Method, *, batches: Batches, evaluate: Callable[[], dict[str, 
     sign = 1.0 if higher_is_better else -1.0
 
     method.train()
+    began = time.perf_counter()
     while step < cfg.steps:
         lr = learning_rate(step, cfg)
         _set_learning_rate(optimizers, lr)
@@ -224,4 +227,5 @@ def train(method: Method, *, batches: Batches, evaluate: Callable[[], dict[str, 
         best_state = snapshot(method)
     full = full_state(best_state) if parallel.kind == "fsdp" else best_state
     return TrainResult(full, best_step, best_value if best_value is not None else float("nan"),
-                       step, resumed_from, trained_items, sharded=parallel.kind == "fsdp", parallel=parallel.kind)
+                       step, resumed_from, trained_items, sharded=parallel.kind == "fsdp", parallel=parallel.kind,
+                       seconds=time.perf_counter() - began)
