@@ -114,8 +114,10 @@ def test_an_uneven_split_is_refused_in_one_line(tmp_path):
     recipe = tmp_path / "odd.yaml"
     recipe.write_text(yaml.safe_dump(data))
     done = potstill("distill", str(recipe), "--out", str(tmp_path / "run"), "--nproc", "2")
-    assert done.returncode != 0
-    assert "does not split over 2 processes" in done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert "does not split over 2 processes" in lines[0]
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.fixture(scope="module")

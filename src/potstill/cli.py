@@ -59,12 +59,21 @@ def distill(
     if nproc is not None and nproc > 1 and not launched_by_torchrun():
         if resume is None and out.exists() and any(out.iterdir()):
             fail(f"{out} already exists and is not empty; continue it with --resume {out} or choose another --out")
+        check_split(load_recipe(str(resume / "config.yaml")) if resume is not None else loaded, nproc)
         raise typer.Exit(launch_torchrun(nproc, sys.argv[1:], out if resume is None else None))
     init_from_env()
     if resume is not None:
         run_distill(None, resume, resume=True, console=console, started=STARTED)
         return
     run_distill(loaded, broadcast_object(out), console=console, started=STARTED)
+
+
+def check_split(recipe, nproc: int) -> None:
+    """Refuse, before any process starts, a micro-batch that does not split over the processes."""
+    train = getattr(recipe, "train", None)
+    if train is not None and (train.batch_size // train.grad_accum) % nproc:
+        fail(f"a micro-batch of {train.batch_size // train.grad_accum} rows (train.batch_size / train.grad_accum) does "
+             f"not split over {nproc} processes; make it a multiple of {nproc}")
 
 
 @app.command(name="store")
