@@ -8,6 +8,7 @@ import hashlib
 import importlib
 import os
 import platform
+import statistics
 import subprocess
 from pathlib import Path
 
@@ -58,3 +59,21 @@ def machine(*packages: str) -> str:
     head, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--", "src", "benchmarks")
     return (f"{cpu}, {os.cpu_count()} cores; {versions}, Python {platform.python_version()}; potstill at {head or '?'}"
             + (" with uncommitted changes to src/ or benchmarks/" if dirty else ""))
+
+
+def spread(values: list[float], fmt: str = ".3f", unit: str = "") -> str:
+    """median [min-max] of a list (just the value when there is one)."""
+    med = statistics.median(values)
+    if len(values) == 1:
+        return f"{med:{fmt}}{unit}"
+    return f"{med:{fmt}}{unit} [{min(values):{fmt}}-{max(values):{fmt}}]"
+
+
+def describe_load(loads: list[float], threads: int, count: int) -> str:
+    """How busy the machine was around the runs (whether their wall times can be trusted)."""
+    text = (f"1-min load average {min(loads):.2f}-{max(loads):.2f}, sampled before and after each of the {count} "
+            f"runs (each run's own {threads} torch thread(s) count towards it)")
+    if max(loads) <= threads + 0.5:
+        return text + ": the machine was otherwise quiet"
+    return (text + f": above {threads + 0.5:.1f}, so other jobs shared the machine and wall times are noisy "
+            "(CPU s/step less so)")

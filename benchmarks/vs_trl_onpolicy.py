@@ -80,7 +80,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from common import DOCS, machine, source_digest, write_section  # noqa: E402  benchmarks/ is on sys.path when run as a script
+from common import DOCS, describe_load, machine, source_digest, spread, write_section  # noqa: E402  benchmarks/ is on sys.path when run as a script
 import torch  # noqa: E402
 
 from potstill.eval.metrics import PeakMemory  # noqa: E402
@@ -415,14 +415,6 @@ def check(args, teacher, tokenizer, student, texts) -> None:
 # ----------------------------------------------------------------------------------------------- report
 
 
-def spread(values: list[float], fmt: str = ".3f", unit: str = "") -> str:
-    """median [min-max] of a list (just the value when there is one)."""
-    med = statistics.median(values)
-    if len(values) == 1:
-        return f"{med:{fmt}}{unit}"
-    return f"{med:{fmt}}{unit} [{min(values):{fmt}}-{max(values):{fmt}}]"
-
-
 def ratios(runs: dict[str, list[dict]], name: str, ref: str, key) -> list[float]:
     """Per-round key(run) / key(the reference's run of the same round)."""
     return [key(a) / key(b) for a, b in zip(runs[name], runs[ref])]
@@ -497,15 +489,6 @@ def loss_lines(runs: dict[str, list[dict]], checked: dict | None) -> str:
                      f"relative difference {c['rel']:.1e}")
         lines.append(line)
     return "\n".join(lines)
-
-
-def describe_load(loads: list[float], threads: int, count: int) -> str:
-    text = (f"1-min load average {min(loads):.2f}-{max(loads):.2f}, sampled before and after each of the {count} "
-            f"runs (each run's own {threads} torch thread(s) count towards it)")
-    if max(loads) <= threads + 0.5:
-        return text + ": the machine was otherwise quiet"
-    return (text + f": above {threads + 0.5:.1f}, so other jobs shared the machine and wall times are noisy "
-            "(CPU s/step less so)")
 
 
 def main() -> None:

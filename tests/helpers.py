@@ -28,10 +28,20 @@ TINY_RECIPE = {
 }
 
 
+def session_cache_dir(tmp_root: Path | None = None) -> str:
+    """conftest's per-session cache directory (module and session fixtures run before conftest's
+    function-scoped fixture sets it); ``tmp_root``: where to put it if nobody has yet."""
+    if "POTSTILL_TEST_CACHE" not in os.environ:
+        if tmp_root is None:
+            raise RuntimeError("no session cache yet: pass the session's temporary root")
+        os.environ["POTSTILL_TEST_CACHE"] = str(Path(tmp_root) / "potstill-cache")
+    return os.environ["POTSTILL_TEST_CACHE"]
+
+
 @contextlib.contextmanager
-def session_cache(tmp_path_factory):
-    """The per-session cache of conftest (session fixtures run outside its function-scoped fixture)."""
-    cache = os.environ.setdefault("POTSTILL_TEST_CACHE", str(tmp_path_factory.getbasetemp() / "potstill-cache"))
+def session_cache(tmp_path_factory=None):
+    """POTSTILL_CACHE_DIR = the session cache, for work done in a module or session fixture."""
+    cache = session_cache_dir(tmp_path_factory.getbasetemp() if tmp_path_factory is not None else None)
     old = os.environ.get("POTSTILL_CACHE_DIR")
     os.environ["POTSTILL_CACHE_DIR"] = cache
     try:
@@ -109,11 +119,11 @@ def deterministic_numbers(report: dict) -> dict:
     }
 
 
-def kill_then_resume(recipe: Path, run: Path, cwd: Path, ready: Callable[[], bool]) -> dict:
-    """``potstill distill RECIPE --out RUN``, SIGKILLed as soon as ``ready()`` holds, then
+def kill_then_resume(recipe: Path, run: Path, cwd: Path, ready: Callable[[], bool], command: str = "distill") -> dict:
+    """``potstill COMMAND RECIPE --out RUN``, SIGKILLed as soon as ``ready()`` holds, then
     ``--resume RUN`` to the end; returns the resumed run's report."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "potstill", "distill", str(recipe), "--out", str(run)],
+    process = subprocess.Popen([sys.executable, "-m", "potstill", command, str(recipe), "--out", str(run)],
                                cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not ready() and process.poll() is None and time.time() < deadline:
@@ -122,7 +132,7 @@ def kill_then_resume(recipe: Path, run: Path, cwd: Path, ready: Callable[[], boo
     assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     time.sleep(1)  # worker processes notice their main process is gone and exit
     assert not (run / "report.json").exists()
-    resumed = potstill("distill", "--resume", str(run), cwd=cwd)
+    resumed = potstill(command, "--resume", str(run), cwd=cwd)
     assert resumed.returncode == 0, resumed.stderr
     return json.loads((run / "report.json").read_text())
 
@@ -145,3 +155,19 @@ def kd_formula(s: torch.Tensor, t: torch.Tensor, T: float) -> torch.Tensor:
     """T^2 * KL(softmax(t/T) || softmax(s/T)), summed over classes, mean over every row of the batch."""
     log_p, log_q = log_softmax(t / T), log_softmax(s / T)
     return T**2 * (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+
+# ---------------------------------------------------------------- tiny on-policy LMs (gkd, seqkd, distillm tests)
+
+ROLLOUT_VOCAB, ROLLOUT_EOS, ROLLOUT_PAD = 48, 2, 0
+
+
+def tiny_rollout_lm(seed: int, layers: int = 1):
+    """A tiny Llama that stops on ROLLOUT_EOS, with weights large enough that its samples vary."""
+    from potstill.models.hf import tiny_llama
+
+    model = tiny_llama(ROLLOUT_VOCAB, hidden_size=32, num_layers=layers, intermediate_size=64, num_heads=4,
+                       num_kv_heads=2, seed=seed, initializer_range=0.3)
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = [ROLLOUT_EOS], ROLLOUT_PAD
+    return model
+

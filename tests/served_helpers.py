@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import contextlib
 import json
 import os
 import signal
@@ -22,28 +21,8 @@ import yaml
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from helpers import session_cache_dir
 from potstill.config import load_recipe_data
-
-
-def session_cache(tmp_root: Path | None = None) -> str:
-    """conftest's per-session cache directory (module fixtures run before conftest's fixture sets it)."""
-    if "POTSTILL_TEST_CACHE" not in os.environ:
-        os.environ["POTSTILL_TEST_CACHE"] = str(Path(tmp_root) / "potstill-cache")
-    return os.environ["POTSTILL_TEST_CACHE"]
-
-
-@contextlib.contextmanager
-def in_session_cache():
-    """POTSTILL_CACHE_DIR = the session cache, for work done in a module fixture."""
-    old = os.environ.get("POTSTILL_CACHE_DIR")
-    os.environ["POTSTILL_CACHE_DIR"] = session_cache()
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("POTSTILL_CACHE_DIR", None)
-        else:
-            os.environ["POTSTILL_CACHE_DIR"] = old
 
 
 def free_port() -> int:
@@ -78,7 +57,7 @@ class ServeProcess:
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 180) -> "ServeProcess":
-        env = {**os.environ, "POTSTILL_CACHE_DIR": session_cache(), "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "POTSTILL_CACHE_DIR": session_cache_dir(), "PYTHONUNBUFFERED": "1"}
         self.process = subprocess.Popen([sys.executable, "-m", "potstill", "serve", str(self.recipe), "--port",
                                          str(self.port), "--threads", "1", *self.args],
                                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -114,7 +93,7 @@ _SHARED: dict[str, object] = {}
 def shared_server(tmp_root: Path) -> ServeProcess:
     """One server for the whole session (its teacher is kept in the session cache for every test)."""
     if "server" not in _SHARED:
-        session_cache(tmp_root)
+        session_cache_dir(tmp_root)
         server = ServeProcess(write_served_recipe(tmp_root / "served-recipe")).start()
         atexit.register(server.stop)
         _SHARED["server"] = server

@@ -6,20 +6,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from helpers import potstill
+from helpers import kill_then_resume, potstill
 from potstill.data import dsa
 from potstill.data.selection import herding
 from potstill.data.synthetic import SyntheticSet, load_synthetic, save_synthetic
@@ -276,18 +270,6 @@ def test_bad_settings_are_one_line_and_exit_2(args, expected, tmp_path):
     assert expected in one_error_line(potstill(*args, cwd=tmp_path))
 
 
-def _condense_then_kill(recipe, run, cwd, ready):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "potstill", "condense", str(recipe), "--out", str(run)],
-                               cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not ready() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    assert not (run / "report.json").exists()
-
-
 def _iteration(run):
     state = run / "work" / "mtt-ipc2" / "checkpoint" / "state.json"
     try:
@@ -305,10 +287,7 @@ def test_condense_resumes_exactly_after_sigkill_and_reuses_the_expert_buffer(tmp
     assert first["experts"]["built_now"] == 2
 
     run = tmp_path / "killed"
-    _condense_then_kill(recipe, run, tmp_path, lambda: _iteration(run) >= 6)
-    assert not (run / "sets" / "mtt-ipc2.safetensors").exists()
-    resumed = potstill("condense", "--resume", str(run), cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr
+    kill_then_resume(recipe, run, tmp_path, lambda: _iteration(run) >= 6, command="condense")
     record = json.loads((run / "work" / "mtt-ipc2" / "result.json").read_text())
     assert record["resumed_from"] >= 6 and record["experts"] == {**record["experts"], "built_now": 0, "reused": 2}
 

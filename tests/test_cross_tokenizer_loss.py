@@ -16,12 +16,6 @@ from potstill.losses.divergences import DIVERGENCES
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def rand(g, *shape, scale=1.0):

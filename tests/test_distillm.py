@@ -9,24 +9,19 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from helpers import kill_then_resume, potstill
+from helpers import ROLLOUT_EOS, ROLLOUT_PAD, ROLLOUT_VOCAB, tiny_rollout_lm, kill_then_resume, potstill
 from potstill.batches import IGNORE, Origin, TokenBatch, TokenView, plan_normaliser
 from potstill.core.errors import UserError
 from potstill.core.hashing import keyed_seed
 from potstill.methods.distillm import DistiLLM, ReplayState
 from potstill.methods.lm_kd import LMDistill
-from potstill.models.hf import tiny_llama
 from potstill.tasks import load_recipe
 from potstill.teachers.lm import LMTeacher
 
-V, EOS, PAD = 48, 2, 0
+V, EOS, PAD = ROLLOUT_VOCAB, ROLLOUT_EOS, ROLLOUT_PAD
+tiny = tiny_rollout_lm
 
 
-def tiny(seed, layers=1):
-    model = tiny_llama(V, hidden_size=32, num_layers=layers, intermediate_size=64, num_heads=4, num_kv_heads=2,
-                       seed=seed, initializer_range=0.3)
-    model.generation_config.eos_token_id, model.generation_config.pad_token_id = [EOS], PAD
-    return model
 
 
 def method(**params):

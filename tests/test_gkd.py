@@ -8,26 +8,22 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from helpers import kill_then_resume, potstill, write_recipe
+from helpers import ROLLOUT_EOS, ROLLOUT_PAD, ROLLOUT_VOCAB, tiny_rollout_lm, kill_then_resume, potstill, write_recipe
 from potstill.batches import IGNORE, Origin, TokenBatch, TokenView, plan_normaliser
 from potstill.core.errors import UserError
 from potstill.methods.gkd import GKD
 from potstill.methods.lm_kd import LMDistill
-from potstill.models.hf import lm_hidden_and_head, tiny_llama
+from potstill.models.hf import lm_hidden_and_head
 from potstill.models.hf.rollout import sample_continuations
 from potstill.tasks import load_recipe
 from potstill.teachers.base import unmet_needs
 from potstill.teachers.lm import LMTeacher
 from potstill.teachers.store import _FORMAT_CAPABILITY
 
-V, EOS, PAD = 48, 2, 0
+V, EOS, PAD = ROLLOUT_VOCAB, ROLLOUT_EOS, ROLLOUT_PAD
+tiny = tiny_rollout_lm
 
 
-def tiny(seed, layers=1):
-    model = tiny_llama(V, hidden_size=32, num_layers=layers, intermediate_size=64, num_heads=4, num_kv_heads=2,
-                       seed=seed, initializer_range=0.3)
-    model.generation_config.eos_token_id, model.generation_config.pad_token_id = [EOS], PAD
-    return model
 
 
 @pytest.fixture()

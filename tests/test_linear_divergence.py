@@ -19,13 +19,6 @@ from potstill.losses.chunked import (default_chunk_size, engine, linear_cross_en
 from potstill.losses.divergences import DIVERGENCES, PER_POSITION
 from potstill.targets import topk
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: threads only add synchronisation cost (badly so on a busy 2-core machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 DIVS = [

@@ -9,12 +9,6 @@ import torch
 from potstill.losses import dkd, dkd_parts, forward_kl, kd, standardize_logits
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def np_softmax(z: np.ndarray, t: float) -> np.ndarray:

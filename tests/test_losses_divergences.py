@@ -9,13 +9,6 @@ import torch
 from potstill.losses import divergences as dv
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: intra-op threading only adds synchronisation overhead on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 # ---- independent reference: explicit probabilities and sums in float64 NumPy ----
 

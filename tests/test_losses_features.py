@@ -11,12 +11,6 @@ import torch
 from potstill.losses import CRDLoss, attention_map, attention_transfer, hint_loss, rkd_angle, rkd_distance
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def randn(*shape, seed=0):

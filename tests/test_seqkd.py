@@ -3,24 +3,22 @@ and trained on with CE on the answer tokens alone."""
 
 import torch
 
+from helpers import ROLLOUT_EOS, ROLLOUT_PAD, ROLLOUT_VOCAB, tiny_rollout_lm
+
 from potstill.batches import IGNORE, Origin, TokenBatch, TokenView, plan_normaliser
 from potstill.losses.chunked import linear_cross_entropy
 from potstill.methods.lm_common import shifted
 from potstill.methods.seqkd import SeqKD
-from potstill.models.hf import lm_hidden_and_head, tiny_llama
+from potstill.models.hf import lm_hidden_and_head
 from potstill.models.hf.rollout import sample_continuations
 from potstill.teachers.base import Capability
 from potstill.teachers.lm import LMTeacher
 from potstill.teachers.lm_ensemble import lm_ensemble_capabilities
 
-V, EOS, PAD = 48, 2, 0
+V, EOS, PAD = ROLLOUT_VOCAB, ROLLOUT_EOS, ROLLOUT_PAD
+tiny = tiny_rollout_lm
 
 
-def tiny(seed, layers=1):
-    model = tiny_llama(V, hidden_size=32, num_layers=layers, intermediate_size=64, num_heads=4, num_kv_heads=2,
-                       seed=seed, initializer_range=0.3)
-    model.generation_config.eos_token_id, model.generation_config.pad_token_id = [EOS], PAD
-    return model
 
 
 def count_prompt_rows(model) -> dict:

@@ -20,7 +20,8 @@ from potstill.teachers.served.teacher import ServedTeacher
 from potstill.models.hf import lm_hidden_and_head, logits_from_hidden
 
 from helpers import potstill
-from served_helpers import FaultProxy, free_port, in_session_cache, shared_server
+from helpers import session_cache
+from served_helpers import FaultProxy, free_port, shared_server
 
 K = 8
 
@@ -34,7 +35,7 @@ def server(tmp_path_factory):
 def local(server):
     """The same kept teacher, in this process: its model, tokenizer and training split."""
     task = LMTask(load_recipe(str(server.recipe)))
-    with in_session_cache():
+    with session_cache():
         task.prepare_teacher(lambda label, total: (lambda step, losses: None))
     assert task.reused  # the server trained and kept it; this is the same teacher
     return task

@@ -19,7 +19,8 @@ from potstill.app.store import store_source
 from potstill.store.writer import build_store
 from potstill.tasks import load_recipe
 
-from served_helpers import FaultProxy, in_session_cache, session_cache, shared_server
+from helpers import session_cache, session_cache_dir
+from served_helpers import FaultProxy, shared_server
 
 K = 8
 SECRET = "sk-test-never-written"
@@ -37,7 +38,7 @@ def served(url: str, **keys) -> list[str]:
 
 def forget_answers() -> Path:
     """Empty the response cache, so the next run asks the server for everything."""
-    folder = Path(session_cache()) / "served"
+    folder = Path(session_cache_dir()) / "served"
     shutil.rmtree(folder, ignore_errors=True)
     return folder
 
@@ -47,7 +48,7 @@ def reference(server, tmp_path_factory) -> dict:
     """An uninterrupted run from the served teacher, targets scored step by step (precompute off)."""
     forget_answers()
     run = tmp_path_factory.mktemp("served-runs") / "reference"
-    with in_session_cache():
+    with session_cache():
         run_recipe(load_recipe(str(server.recipe), served(server.url, precompute=False)), run)
     return load_file(str(run / WEIGHTS))
 
@@ -66,7 +67,7 @@ def assert_same_weights(run: Path, reference: dict) -> None:
 
 def test_a_served_run_matches_a_topk_store_run(server, reference, tmp_path, monkeypatch):
     monkeypatch.setenv("POTSTILL_API_KEY", SECRET)
-    with in_session_cache():
+    with session_cache():
         build_store(store_source(load_recipe(str(server.recipe))), tmp_path / "store", fmt="topk", k=K,
                     temperature=1.0, seed=0, shard_size=32)
         from_store = run_recipe(load_recipe(str(server.recipe), [f"teacher.store={tmp_path / 'store'}"]),
@@ -80,7 +81,7 @@ def test_a_served_run_matches_a_topk_store_run(server, reference, tmp_path, monk
     ppl = lambda report: report["students"]["forward_kl"]["metrics"]["perplexity"]["mean"]  # noqa: E731
     assert abs(ppl(from_server) / ppl(from_store) - 1) < 1e-4
     assert from_server["teacher"]["served"]["top_k"] == K
-    assert_no_secret(tmp_path / "served-run", Path(session_cache()) / "served")
+    assert_no_secret(tmp_path / "served-run", Path(session_cache_dir()) / "served")
     assert abs(from_server["teacher"]["metrics"]["perplexity"]["mean"]
                / from_store["teacher"]["metrics"]["perplexity"]["mean"] - 1) < 1e-5
 
@@ -120,7 +121,7 @@ def test_a_server_that_stops_answering_then_resume(server, reference, tmp_path):
         last = failed.stderr.strip().splitlines()[-1]
         assert last.startswith("error: teacher server") and "gave no answer to /v1/completions after 2" in last
         proxy.mode = "pass"
-        with in_session_cache():
+        with session_cache():
             run_recipe(None, run, resume=True)
     assert_same_weights(run, reference)
 

@@ -88,7 +88,7 @@ def evaluate_lm(
     members = list(teacher) if isinstance(teacher, (list, tuple)) else [teacher] if teacher is not None else []
     if len(members) > 1 and mixture is None:
         raise ValueError("several teacher models need the mixture rule that combines them")
-    if members and len(members) > 1:
+    if len(members) > 1:
         chunk_tokens = max(1, chunk_tokens // len(members))
     models = [student] + members
     modes = [m.training for m in models]
