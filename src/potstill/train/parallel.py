@@ -90,17 +90,9 @@ def parallelize(method: nn.Module, world: World, device: torch.device, strategy:
             wrapped = DistributedDataParallel(method, device_ids=ids, find_unused_parameters=True,
                                               broadcast_buffers=False)
         return Parallel(wrapped, method, world, "ddp")
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    layers = decoder_layers(method.student)
-    if not layers:
-        raise UserError(f"distributed.strategy=fsdp: {type(method.student).__name__} names no decoder layer class "
-                        "(_no_split_modules) to shard; use distributed.strategy=ddp")
-    mesh = init_device_mesh(device.type, (world.size,))
-    for layer in layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(method, mesh=mesh)
+    shard_layers(method.student, method, world, device, "distributed.strategy=fsdp", "distributed.strategy=ddp")
     # Make the method the root now: a rollout calls the student before the method's first forward,
     # and its first layer would otherwise claim to be a root of its own.
     fully_shard.state(method)._lazy_init()
@@ -120,21 +112,29 @@ def shard_teacher(model: nn.Module, world: World, device: torch.device) -> None:
     freed); the decoder's own group (embedding, final norm: a tied head) is gathered once and kept,
     because the chunked loss reads the head outside any forward. Every rank must then run the
     teacher's forwards together, in the same order (the trainer's symmetric steps and evaluations do)."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.fsdp import FSDPModule
 
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     if isinstance(decoder, FSDPModule):
         return  # sharded for an earlier student
+    shard_layers(model, decoder, world, device, "distributed.teacher=shard", "distributed.teacher=replicate")
+    decoder.unshard()
+
+
+def shard_layers(model: nn.Module, root: nn.Module, world: World, device: torch.device, setting: str,
+                 instead: str) -> None:
+    """``fully_shard`` each decoder layer of ``model``, then ``root`` (which holds them) as the root group."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
     layers = decoder_layers(model)
     if not layers:
-        raise UserError(f"distributed.teacher=shard: {type(model).__name__} names no decoder layer class "
-                        "(_no_split_modules) to shard; use distributed.teacher=replicate")
+        raise UserError(f"{setting}: {type(model).__name__} names no decoder layer class (_no_split_modules) "
+                        f"to shard; use {instead}")
     mesh = init_device_mesh(device.type, (world.size,))
     for layer in layers:
         fully_shard(layer, mesh=mesh)
-    fully_shard(decoder, mesh=mesh)
-    decoder.unshard()
+    fully_shard(root, mesh=mesh)
 
 
 @contextlib.contextmanager
