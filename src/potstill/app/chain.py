@@ -37,7 +37,7 @@ from potstill.app.report import metric_cell, print_wide
 from potstill.app.run import create_run_dir, prepare_run_dir, run_recipe
 from potstill.config import RecipeBase
 from potstill.core.errors import UserError
-from potstill.core.distributed import barrier, launched_world
+from potstill.core.distributed import barrier, broadcast_object, launched_world
 from potstill.core.io import atomic_write_json
 from potstill.eval.chain_html import render_chain_html
 from potstill.tasks import load_recipe
@@ -117,13 +117,15 @@ def run_stage(recipe: ClassificationRecipe, runnable: ClassificationRecipe, fold
               began: float) -> dict:
     """The stage's report: read back when finished, else its run (resumed when it had begun).
     ``recipe`` is what its config.yaml holds, ``runnable`` the same with the teacher's path absolute."""
-    if (folder / "config.yaml").exists():
+    began_earlier, finished = broadcast_object(((folder / "config.yaml").exists(), (folder / "report.json").exists()))
+    if began_earlier:  # rank 0's view decides, so that every rank of a distributed run takes one branch
         _same_recipe(folder, recipe)
-        if (folder / "report.json").exists():
+        if finished:
             console.print(f"{folder.name}: finished earlier, read back", highlight=False)
             return json.loads((folder / "report.json").read_text())
-    else:
+    elif launched_world().is_main:
         start_stage(folder, recipe)
+    barrier()
     return run_recipe(runnable, folder, resume=True, console=console, started=began)
 
 
