@@ -236,3 +236,22 @@ def test_a_store_written_by_two_ranks_equals_one_written_by_one(lm_store, tmp_pa
     assert built.returncode == 0, built.stderr[-3000:]
     assert _shard_digests(store) == _shard_digests(lm_store) and len(_shard_digests(store)) > 2
     assert not list(store.glob(".progress-rank*"))
+
+
+@pytest.mark.slow  # two chain runs; CI runs it (.ci/run)
+def test_a_chain_runs_under_torchrun_with_the_same_weights(tmp_path, tmp_path_factory):
+    stage = {"student": {"kind": "mlp", "hidden": [16]}, "students": {"kd": {"method": "kd"}},
+             "train": {"steps": 16, "batch_size": 32, "eval_every": 8, "checkpoint_every": 8}}
+    base = yaml.safe_load(_cls_recipe(tmp_path).read_text())
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    chain = {"name": "chain", "task": "chain", "base": str(tmp_path / "base.yaml"),
+             "stages": [{"name": "assistant", **stage}, {"name": "student", **stage}]}
+    recipe = tmp_path / "chain.yaml"
+    recipe.write_text(yaml.safe_dump(chain))
+    with session_cache(tmp_path_factory):
+        for out, extra in (("one", ()), ("two", ("--nproc", "2"))):
+            done = potstill("distill", str(recipe), "--out", str(tmp_path / out), *extra)
+            assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("1-assistant", "2-student"):
+        assert_same_weights(tmp_path / "one" / "stages" / name, tmp_path / "two" / "stages" / name)
+    assert (tmp_path / "two" / "report.html").exists()
