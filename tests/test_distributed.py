@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -235,6 +236,23 @@ def test_a_store_written_by_two_ranks_equals_one_written_by_one(lm_store, tmp_pa
                          "--format", "topk", "--nproc", "2")
     assert built.returncode == 0, built.stderr[-3000:]
     assert _shard_digests(store) == _shard_digests(lm_store) and len(_shard_digests(store)) > 2
+    assert not list(store.glob(".progress-rank*"))
+
+    # as a kill leaves it: two finished shards only in rank 1's progress file, one shard lost
+    manifest = json.loads((store / "manifest.json").read_text())
+    recorded, lost = manifest["shards"][1:3], manifest["shards"][3]
+    manifest["shards"] = [manifest["shards"][0]] + manifest["shards"][4:]
+    manifest["complete"] = False
+    (store / "manifest.json").write_text(json.dumps(manifest))
+    (store / ".progress-rank1.json").write_text(json.dumps([["train", info] for info in recorded]))
+    (store / lost["file"]).unlink()
+    with session_cache(tmp_path_factory):
+        again = potstill("store", str(_lm_recipe(tmp_path)), "--out", str(store), "--shard-size", "16",
+                         "--format", "topk")
+    assert again.returncode == 0, again.stderr[-3000:]
+    said = " ".join(again.stderr.split())  # rich wraps long lines
+    assert re.search(r"\b1 of \d+ shards computed now", said), said  # only the lost one
+    assert _shard_digests(store) == _shard_digests(lm_store)
     assert not list(store.glob(".progress-rank*"))
 
 
