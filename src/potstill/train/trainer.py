@@ -135,6 +135,16 @@ def _forward_backward(parallel: Parallel, micro_batches: list[Batch], runtime: R
     return totals
 
 
+def _global_counts(micro_batches: list[Batch], world, counts: list[int]) -> list[int]:
+    """Counts over every rank: token counts vary by rank (one all-reduce), equal shares of class
+    batches do not (no collective)."""
+    if not world.parallel:
+        return counts
+    if any(b.step_normalised for b in micro_batches):
+        return all_reduce_sum(torch.tensor(counts)).tolist()
+    return [c * world.size for c in counts]
+
+
 def _global_totals(totals: dict[str, Tensor], micro_batches: list[Batch], world) -> dict[str, float]:
     """The step's logged losses over every rank: token losses are parts of one global sum, the means
     of class batches are averaged (one collective, on logging steps only)."""
@@ -186,7 +196,7 @@ def train(method: Method, *, batches: Batches, evaluate: Callable[[], dict[str, 
         shares = [rank_share(batches.batch(step, micro), here) for micro in range(cfg.grad_accum)]
         with gathered(parallel):
             micro_batches = method.prepare_step(step, shares)
-        trained_items += plan_normaliser(micro_batches, global_sum=lambda n: all_reduce_sum(torch.tensor(n)).tolist())
+        trained_items += plan_normaliser(micro_batches, global_sum=functools.partial(_global_counts, micro_batches, here))
         micro_batches = [batch.to(runtime.device) for batch in micro_batches]
         # 2. forward/backward
         for optimizer in optimizers:
