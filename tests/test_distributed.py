@@ -132,6 +132,7 @@ def lm_store(tmp_path_factory) -> Path:
     return store
 
 
+@pytest.mark.slow  # ~25 s quiet: CI runs every slow test (.ci/run)
 def test_lm_world_size_invariance_with_a_store_and_fsdp(lm_store, tmp_path):
     recipe = _lm_recipe(tmp_path, lm_store)
     _distill(recipe, tmp_path / "one")
@@ -140,6 +141,7 @@ def test_lm_world_size_invariance_with_a_store_and_fsdp(lm_store, tmp_path):
     assert_same_weights(tmp_path / "one", tmp_path / "two")
 
 
+@pytest.mark.slow  # ~20 s quiet: CI runs it
 def test_a_sharded_teacher_scoring_every_step_gives_the_same_weights(tmp_path, tmp_path_factory):
     data = yaml.safe_load(_lm_recipe(tmp_path).read_text())
     data["teacher"]["precompute"] = False  # the teacher runs (sharded) in every step and evaluation
@@ -190,6 +192,7 @@ def _killed_run(recipe: Path, run: Path, nproc: int, kill_rank: int | None, stud
     assert not (run / "report.json").exists()
 
 
+@pytest.mark.slow  # two kills and resumes, ~35 s quiet: CI runs them
 @pytest.mark.parametrize("saved, resumed", [(2, 1), (1, 2)])
 def test_resume_at_another_world_size(cls_runs, tmp_path, saved, resumed):
     run = tmp_path / "run"
@@ -229,6 +232,7 @@ def _shard_digests(store: Path) -> dict[str, str]:
     return {s["file"]: s["sha256"] for s in shards}
 
 
+@pytest.mark.slow  # ~20 s quiet: CI runs it
 def test_a_store_written_by_two_ranks_equals_one_written_by_one(lm_store, tmp_path, tmp_path_factory):
     store = tmp_path / "store"
     with session_cache(tmp_path_factory):

@@ -39,6 +39,7 @@ def test_two_workers_give_the_numbers_and_weights_of_one(tmp_path):
     same_weights(tmp_path / "w1", tmp_path / "w2")
 
 
+@pytest.mark.slow  # ~30 s quiet: CI runs every slow test (.ci/run)
 def test_a_teacher_trained_in_a_worker_beside_the_baseline_is_the_one_of_one_process(tmp_path, monkeypatch):
     args = ["--set", "train.steps=30", "--set", "teacher.train.steps=300", "--set", "seeds=2"]
     runs, kept = {}, {}
@@ -60,6 +61,7 @@ def test_a_teacher_trained_in_a_worker_beside_the_baseline_is_the_one_of_one_pro
     assert json.loads(baseline.with_suffix(".json").read_text())["provenance"]["teacher"] is None
 
 
+@pytest.mark.slow  # ~30 s quiet: CI runs every slow test (.ci/run)
 def test_killed_parallel_run_resumes_to_the_uninterrupted_result(tmp_path):
     recipe = write_recipe(tmp_path, workers=2)
     straight = potstill("distill", str(recipe), "--out", str(tmp_path / "straight"), cwd=tmp_path)
