@@ -30,10 +30,11 @@ from common import machine, write_section  # noqa: E402
 from potstill.config import load_recipe_data  # noqa: E402
 
 CASES = {
-    "digits kd, batch 64": ("digits", {"train": {"steps": 400, "batch_size": 64}}),
-    "digits kd, batch 512": ("digits", {"train": {"steps": 200, "batch_size": 512}}),
-    "LM forward KL, batch 8": ("smollm2-smoke", {"train": {"steps": 30, "batch_size": 8}}),
-    "LM forward KL, batch 32": ("smollm2-smoke", {"train": {"steps": 15, "batch_size": 32}}),
+    # steps chosen so that one process trains for several seconds: a sub-second window is mostly noise
+    "digits kd, batch 64": ("digits", {"train": {"steps": 2000, "batch_size": 64}}),
+    "digits kd, batch 512": ("digits", {"train": {"steps": 1000, "batch_size": 512}}),
+    "LM forward KL, batch 8": ("smollm2-smoke", {"train": {"steps": 120, "batch_size": 8}}),
+    "LM forward KL, batch 32": ("smollm2-smoke", {"train": {"steps": 60, "batch_size": 32}}),
 }
 STUDENT = {"digits": {"kd": {"method": "kd", "params": {"temperature": 4.0}}},
            "smollm2-smoke": {"forward_kl": {"method": "lm_kd"}}}
