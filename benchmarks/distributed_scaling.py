@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, write_section  # noqa: E402
+from common import describe_load, machine, write_section  # noqa: E402
 
 from potstill.config import load_recipe_data  # noqa: E402
 
@@ -68,7 +68,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    rows = []
+    rows, loads = [], [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         for label, (base, change) in CASES.items():
@@ -81,6 +81,7 @@ def main() -> None:
                 for nproc, threads in layouts:
                     folder = scratch / f"{label}-{nproc}x{threads}-{r}".replace(" ", "_").replace(",", "")
                     seconds[(nproc, threads)].append(run(recipe, folder, nproc, threads))
+                    loads.append(os.getloadavg()[0])
             steps = change["train"]["steps"]
             rate = {layout: [steps / s for s in values] for layout, values in seconds.items()}
             ratios = [b / a for a, b in zip(rate[(1, 1)], rate[(2, 1)])]
@@ -102,7 +103,10 @@ def main() -> None:
     for label, rate, ratios in rows:
         lines.append(f"| {label} | {cell(rate[(1, 1)])} | {cell(rate[(2, 1)])} | {statistics.median(ratios):.2f} "
                      f"[{min(ratios):.2f}, {max(ratios):.2f}] | {cell(rate[(1, 2)])} |")
-    lines += ["", "Not measured: more than 2 processes, several machines, GPUs (NCCL); a machine with 2 cores "
+    lines += ["", describe_load(loads, 2, len(loads) - 1) + ". Two processes, or two threads, need both cores at "
+              "once: on a 2-core machine any other job stalls every collective (gloo) or OpenMP barrier, so "
+              "those columns suffer far more from load than the 1-thread one.",
+              "", "Not measured: more than 2 processes, several machines, GPUs (NCCL); a machine with 2 cores "
               "leaves nothing for the operating system while both ranks compute."]
     write_section("distributed_scaling", "\n".join(lines))
 
