@@ -48,7 +48,7 @@ def test_the_threshold_follows_the_validation_loss():
             reference = loss
         elif loss >= reference + 0.05:
             a, reference = min(1.0, a + 0.1), loss
-        assert m.replay.threshold == pytest.approx(a) and m.replay.reference == pytest.approx(reference), step
+        assert float(m.replay.threshold) == pytest.approx(a) and float(m.replay.reference) == pytest.approx(reference), step
     assert a == pytest.approx(0.3)
 
 
@@ -58,18 +58,18 @@ def test_each_step_trains_on_fresh_samples_the_buffer_or_the_dataset(ratio):
     origins = []
     for step in range(40):
         m.progress = step / 40
-        a = m.replay.threshold
+        a = float(m.replay.threshold)
         share = {"decreasing": a * (1 - m.progress), "constant": a / 2, "increasing": a * m.progress}[ratio]
         r = float(torch.rand((), generator=torch.Generator().manual_seed(keyed_seed(step, 1))))
-        full = m.replay.count >= 6
+        full = m.replay.rows >= 6
         expected = (Origin.ROLLOUT if r < share or (r < a and not full) else
-                    Origin.REPLAY if r < a and m.replay.count else Origin.DATASET)
+                    Origin.REPLAY if r < a and m.replay.rows else Origin.DATASET)
         (out,) = m.prepare_step(step, [batch(step)])
         assert out.origin is expected, step
         origins.append(out.origin)
         if out.origin is Origin.REPLAY:  # replayed rows are earlier samples, labels on their responses only
             assert (out.student.labels[:, :4] == IGNORE).all()
-    assert m.replay.count == 6 and {Origin.ROLLOUT, Origin.DATASET} <= set(origins)
+    assert m.replay.rows == 6 and {Origin.ROLLOUT, Origin.DATASET} <= set(origins)
 
 
 def test_the_buffer_round_trips_and_refuses_rows_too_wide():

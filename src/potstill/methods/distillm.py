@@ -37,18 +37,24 @@ from potstill.methods.gkd import GKD, RolloutConfig
 
 
 class ReplayState:
-    """The replay buffer (``ids``, ``mask``, ``labels`` [C, W], ``count`` filled rows, ``next`` slot)
-    and the adaptive schedule (``threshold``, ``reference`` loss, nan before the first validation)."""
+    """The replay buffer (``ids``, ``mask``, ``labels`` [C, W], ``count`` filled rows, ``next_slot``)
+    and the adaptive schedule (``threshold`` a, ``reference`` loss, nan before the first validation),
+    each a named tensor so that a checkpoint keeps them as they are."""
+
+    KEYS = ("ids", "mask", "labels", "count", "next_slot", "threshold", "reference")
 
     def __init__(self, capacity: int, width: int, threshold: float):
         self.ids = torch.zeros(capacity, width, dtype=torch.long)
         self.mask = torch.zeros(capacity, width, dtype=torch.long)
         self.labels = torch.full((capacity, width), IGNORE, dtype=torch.long)
-        self.scalars = torch.tensor([0.0, 0.0, threshold, math.nan], dtype=torch.float64)  # count, next, a, reference
+        self.count = torch.tensor(0)
+        self.next_slot = torch.tensor(0)
+        self.threshold = torch.tensor(threshold, dtype=torch.float64)
+        self.reference = torch.tensor(math.nan, dtype=torch.float64)
 
-    count = property(lambda self: int(self.scalars[0]))
-    threshold = property(lambda self: float(self.scalars[2]))
-    reference = property(lambda self: float(self.scalars[3]))
+    @property
+    def rows(self) -> int:
+        return int(self.count)
 
     def add(self, view: TokenView) -> None:
         width = int(view.attention_mask.sum(dim=1).max())
@@ -56,26 +62,26 @@ class ReplayState:
             raise UserError(f"distillm: a sample of {width} tokens does not fit the replay buffer's rows "
                             f"(buffer_width={self.ids.shape[1]}); raise buffer_width")
         for row in range(len(view.input_ids)):
-            slot = int(self.scalars[1])
+            slot = int(self.next_slot)
             self.ids[slot].zero_()
             self.mask[slot].zero_()
             self.labels[slot].fill_(IGNORE)
             self.ids[slot, :width] = view.input_ids[row, :width].cpu()
             self.mask[slot, :width] = view.attention_mask[row, :width].cpu()
             self.labels[slot, :width] = view.labels[row, :width].cpu()
-            self.scalars[1] = (slot + 1) % len(self.ids)
-            self.scalars[0] = min(self.count + 1, len(self.ids))
+            self.next_slot.fill_((slot + 1) % len(self.ids))
+            self.count.fill_(min(self.rows + 1, len(self.ids)))
 
     def sample(self, rows: int, generator: torch.Generator) -> TokenView:
-        picks = torch.randint(0, self.count, (rows,), generator=generator)
+        picks = torch.randint(0, self.rows, (rows,), generator=generator)
         width = max(1, int(self.mask[picks].sum(dim=1).max()))
         return TokenView(self.ids[picks, :width], self.mask[picks, :width], self.labels[picks, :width])
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {"ids": self.ids, "mask": self.mask, "labels": self.labels, "scalars": self.scalars}
+        return {key: getattr(self, key) for key in self.KEYS}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        for key in ("ids", "mask", "labels", "scalars"):
+        for key in self.KEYS:
             setattr(self, key, state[key].clone())
 
 
@@ -102,20 +108,20 @@ class DistiLLM(GKD):
         return {"replay": self.replay}
 
     def fresh_share(self) -> float:
-        a, ratio = self.replay.threshold, self.config.replay_ratio
+        a, ratio = float(self.replay.threshold), self.config.replay_ratio
         return a / 2 if ratio == "constant" else a * self.progress if ratio == "increasing" else a * (1 - self.progress)
 
     def prepare_step(self, step: int, micro_batches: list[TokenBatch]) -> list[TokenBatch]:
         if not micro_batches:
             return micro_batches
         r = float(torch.rand((), generator=torch.Generator().manual_seed(keyed_seed(micro_batches[0].seed, 1))))
-        a, full = self.replay.threshold, self.replay.count >= len(self.replay.ids)
+        a, full = float(self.replay.threshold), self.replay.rows >= len(self.replay.ids)
         if r < self.fresh_share() or (r < a and not full):
             fresh = [self.rollout(batch, self.student, Origin.ROLLOUT) for batch in micro_batches]
             for batch in fresh:
                 self.replay.add(batch.student)
             return fresh
-        if r < a and self.replay.count:
+        if r < a and self.replay.rows:
             return [TokenBatch(self.replay.sample(len(batch), torch.Generator().manual_seed(keyed_seed(batch.seed, 3))),
                                origin=Origin.REPLAY, seed=batch.seed) for batch in micro_batches]
         return micro_batches
@@ -124,8 +130,9 @@ class DistiLLM(GKD):
         perplexity = metrics.get("val/perplexity")
         if perplexity is None:
             return
-        loss, s = math.log(perplexity), self.replay.scalars
-        if math.isnan(self.replay.reference):
-            s[3] = loss
-        elif loss >= self.replay.reference + self.config.loss_eps:
-            s[2], s[3] = min(1.0, self.replay.threshold + self.config.threshold_step), loss
+        loss, replay = math.log(perplexity), self.replay
+        if math.isnan(replay.reference):
+            replay.reference.fill_(loss)
+        elif loss >= float(replay.reference) + self.config.loss_eps:
+            replay.threshold.fill_(min(1.0, float(replay.threshold) + self.config.threshold_step))
+            replay.reference.fill_(loss)
