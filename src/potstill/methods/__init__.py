@@ -23,11 +23,12 @@ from potstill.methods.ps_kd import PSKD
 from potstill.methods.rkd import RKD
 from potstill.methods.self_kd import SelfKD
 from potstill.methods.seqkd import SeqKD
+from potstill.methods.skd import SKD
 from potstill.methods.taid import TAID
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (CrossEntropy, KD, DKD, FitNet, AttentionTransfer, RKD, CRD, SelfKD, DML, PSKD,
-                               LMCrossEntropy, LMDistill, GKD, DistiLLM, SeqKD, TAID)
+                               LMCrossEntropy, LMDistill, GKD, DistiLLM, SeqKD, TAID, SKD)
 }
 
 
