@@ -20,6 +20,7 @@ from potstill.methods.kd import KD
 from potstill.methods.lm_ce import LMCrossEntropy
 from potstill.methods.lm_kd import LMDistill
 from potstill.methods.onpolicy_rkl import OnPolicyRKL
+from potstill.methods.opsd import OPSD
 from potstill.methods.ps_kd import PSKD
 from potstill.methods.rkd import RKD
 from potstill.methods.self_kd import SelfKD
@@ -29,7 +30,7 @@ from potstill.methods.taid import TAID
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (CrossEntropy, KD, DKD, FitNet, AttentionTransfer, RKD, CRD, SelfKD, DML, PSKD,
-                               LMCrossEntropy, LMDistill, GKD, DistiLLM, SeqKD, TAID, SKD, OnPolicyRKL)
+                               LMCrossEntropy, LMDistill, GKD, DistiLLM, SeqKD, TAID, SKD, OnPolicyRKL, OPSD)
 }
 
 
