@@ -123,7 +123,8 @@ def test_the_loss_is_lm_kds_on_the_interleaved_sequences_and_reproducible(method
     assert 0 < float(losses["replaced"]) <= 1  # top-3 of 48 tokens: an untrained student gets replaced
 
 
-def test_bad_settings_fail_before_step_one(tmp_path):
+def test_bad_settings_fail_before_step_one():
+    # method_config is what the CLI runs on every student before step one (exit 2: test_gkd checks the path)
     with pytest.raises(UserError, match="top_k"):
         method_config("skd", {"top_k": 0}, where="students.s")
     with pytest.raises(UserError, match="top_k"):
@@ -131,6 +132,10 @@ def test_bad_settings_fail_before_step_one(tmp_path):
     with pytest.raises(ValueError, match="vocabularies"):
         interleaved_continuations(Bigram(STUDENT), Bigram(torch.zeros(7, 7)), torch.tensor([[2]]),
                                   torch.tensor([[1]]), top_k=2, max_new_tokens=1)
+    other = tiny_rollout_lm(0)
+    other.generation_config.eos_token_id = [EOS]
+    with pytest.raises(UserError, match="vocabularies"):  # refused in the dry run, before step one
+        SKD(other, LMTeacher(Bigram(TEACHER), "t"), SKD.Config(), num_classes=6, num_train=1).setup(batch(0))
 
 
 @pytest.mark.slow  # ~30 s

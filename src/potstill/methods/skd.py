@@ -26,6 +26,7 @@ from pydantic import Field
 from torch import Tensor
 
 from potstill.batches import Origin, TokenBatch, TokenView
+from potstill.core.errors import UserError
 from potstill.core.hashing import keyed_seed
 from potstill.methods.gkd import GENERATE_NEED, GKD, SCORE_NEED, RolloutConfig
 from potstill.methods.lm_kd import Divergence, LMDistill
@@ -47,6 +48,13 @@ class SKD(GKD):
     @classmethod
     def needs(cls, config: Config) -> list[Need]:
         return [*LMDistill.needs(config), SCORE_NEED, MODEL_NEED]
+
+    def setup(self, sample_batch: TokenBatch) -> None:
+        super().setup(sample_batch)
+        sizes = [int(m.get_output_embeddings().weight.shape[0]) for m in (self.student, self.teacher.model)]
+        if sizes[0] != sizes[1]:
+            raise UserError(f"skd compares the student's tokens with the teacher's top_k, but their vocabularies "
+                            f"differ ({sizes[0]} and {sizes[1]} tokens): they need one tokenizer")
 
     def prepare_step(self, step: int, micro_batches: list[TokenBatch]) -> list[TokenBatch]:
         return [self.interleave(batch) for batch in micro_batches]
