@@ -73,3 +73,23 @@ def test_enclosing_autocast_does_not_downcast():
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     for a, b in zip(gref, torch.autograd.grad(out, [h, w])):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+def test_weighted_rows_and_token_log_probs_match_the_dense_formula():
+    from potstill.losses.chunked import token_log_probs
+
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(9, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(11, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    y = torch.randint(0, 11, (9,), generator=g)
+    y[4] = -100
+    weights = torch.randn(9, dtype=torch.float64, generator=g)  # advantages: either sign
+    ours = linear_cross_entropy(h, w, y, num_items=7, chunk_size=4, weights=weights)
+    log_q = torch.log_softmax(h @ w.T, dim=-1)
+    keep = y != -100
+    dense = -(weights[keep] * log_q[keep].gather(1, y[keep, None]).squeeze(1)).sum() / 7
+    torch.testing.assert_close(ours, dense)
+    for a, b in zip(torch.autograd.grad(ours, (h, w)), torch.autograd.grad(dense, (h, w))):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(token_log_probs(h, w, y.clamp(min=0), chunk_size=4),
+                               log_q.gather(1, y.clamp(min=0)[:, None]).squeeze(1))

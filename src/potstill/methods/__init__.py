@@ -19,15 +19,18 @@ from potstill.methods.gkd import GKD
 from potstill.methods.kd import KD
 from potstill.methods.lm_ce import LMCrossEntropy
 from potstill.methods.lm_kd import LMDistill
+from potstill.methods.onpolicy_rkl import OnPolicyRKL
+from potstill.methods.opsd import OPSD
 from potstill.methods.ps_kd import PSKD
 from potstill.methods.rkd import RKD
 from potstill.methods.self_kd import SelfKD
 from potstill.methods.seqkd import SeqKD
+from potstill.methods.skd import SKD
 from potstill.methods.taid import TAID
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (CrossEntropy, KD, DKD, FitNet, AttentionTransfer, RKD, CRD, SelfKD, DML, PSKD,
-                               LMCrossEntropy, LMDistill, GKD, DistiLLM, SeqKD, TAID)
+                               LMCrossEntropy, LMDistill, GKD, DistiLLM, SeqKD, TAID, SKD, OnPolicyRKL, OPSD)
 }
 
 

@@ -18,18 +18,18 @@ from potstill.losses.chunked.engine import _without_autocast, hand_over_grads
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, head, bias, labels, ignore_index, denom, chunk_size):
+    def forward(ctx, hidden, head, bias, labels, ignore_index, denom, chunk_size, weights):
         with _without_autocast(hidden):
-            total, ctx.grads = _run_ce(hidden, head, bias, labels, ignore_index, denom, chunk_size)
+            total, ctx.grads = _run_ce(hidden, head, bias, labels, ignore_index, denom, chunk_size, weights)
         return total
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        return (*hand_over_grads(ctx, grad_output, "linear_cross_entropy"), None, None, None, None)
+        return (*hand_over_grads(ctx, grad_output, "linear_cross_entropy"), None, None, None, None, None)
 
 
-def _run_ce(hidden, head, bias, labels, ignore_index, denom, chunk_size):
+def _run_ce(hidden, head, bias, labels, ignore_index, denom, chunk_size, weights=None):
     cd = _compute_dtype(hidden)
     dev = hidden.device
     h, w = hidden.detach().to(cd), head.detach().to(cd)
@@ -46,9 +46,13 @@ def _run_ce(hidden, head, bias, labels, ignore_index, denom, chunk_size):
         z, log_p = ws.views(len(index))
         ws.gemm_into(z, hs, w, b)
         torch.log_softmax(z, dim=-1, out=log_p)
-        total -= log_p.gather(1, ys[:, None]).sum()
+        picked = log_p.gather(1, ys[:, None]).squeeze(1)
         g = log_p.exp_()
         g[torch.arange(len(index), device=dev), ys] -= 1.0
+        if weights is not None:
+            ws_rows = weights.index_select(0, index).to(cd)
+            picked, g = picked * ws_rows, g.mul_(ws_rows[:, None])
+        total -= picked.sum()
         g /= denom
         grad_h.index_copy_(0, index, g @ w)
         grad_w.addmm_(g.t(), hs)
@@ -60,8 +64,11 @@ def _run_ce(hidden, head, bias, labels, ignore_index, denom, chunk_size):
 
 def linear_cross_entropy(hidden: Tensor, head: Tensor, labels: Tensor, *, bias: Tensor | None = None,
                          ignore_index: int = -100, num_items: int | float | None = None,
-                         chunk_size: int | None = None) -> Tensor:
+                         chunk_size: int | None = None, weights: Tensor | None = None) -> Tensor:
     """Mean cross-entropy of ``hidden @ head.T (+ bias)`` against ``labels`` over non-ignored rows.
+
+    ``weights`` [N] (constants, any sign) scale each row's term: ``-sum w_i log q(y_i) / denom``, the
+    policy-gradient surrogate when they are advantages.
 
     hidden [N, H], head [V, H], labels [N]. ``num_items`` replaces the count of non-ignored rows
     as the normaliser (pass the target tokens of a whole accumulated batch under gradient
@@ -77,4 +84,26 @@ def linear_cross_entropy(hidden: Tensor, head: Tensor, labels: Tensor, *, bias: 
     if denom <= 0:
         raise ValueError(f"num_items must be > 0, got {num_items}")
     chunk = int(chunk_size) if chunk_size else _default_rows(head.shape[0], max(count, 1), hidden)
-    return _LinearCrossEntropy.apply(hidden, head, bias, labels, ignore_index, denom, chunk)
+    if weights is not None:
+        weights = weights.detach().reshape(-1).to(hidden.device)
+        if weights.shape[0] != hidden.shape[0]:
+            raise ValueError(f"weights {tuple(weights.shape)} do not match hidden rows {hidden.shape[0]}")
+    return _LinearCrossEntropy.apply(hidden, head, bias, labels, ignore_index, denom, chunk, weights)
+
+
+@torch.no_grad()
+def token_log_probs(hidden: Tensor, head: Tensor, labels: Tensor, *, bias: Tensor | None = None,
+                    chunk_size: int | None = None) -> Tensor:
+    """``log softmax(hidden @ head.T (+ bias))[labels]`` per row [N] (no gradient), chunk by chunk:
+    the log-probability each model gives the tokens actually there."""
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    labels = labels.reshape(-1).to(device=hidden.device, dtype=torch.long)
+    cd = _compute_dtype(hidden)
+    h, w = hidden.to(cd), head.to(cd)
+    b = bias.to(cd) if bias is not None else None
+    chunk = int(chunk_size) if chunk_size else _default_rows(head.shape[0], max(len(labels), 1), hidden)
+    out = torch.empty(len(labels), dtype=cd, device=hidden.device)
+    for start in range(0, len(labels), chunk):
+        z = torch.nn.functional.linear(h[start:start + chunk], w, b)
+        out[start:start + chunk] = z.log_softmax(dim=-1).gather(1, labels[start:start + chunk, None]).squeeze(1)
+    return out

@@ -17,6 +17,9 @@ hold them), left-aligns them for decoding, and samples up to ``max_new_tokens`` 
 
 The result is right-padded ``[prompt, response, pad]`` rows with ``labels`` = the response tokens
 (prompt and padding ``IGNORE``).
+
+:func:`interleaved_continuations` runs the same loop with a student and a teacher side by side
+(speculative KD's interleaved sampling): the student proposes, the teacher keeps or replaces.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from torch import Tensor
 
 from potstill.models.hf.head import final_logit_softcap, logits_from_hidden
 
-__all__ = ["Continuations", "sample_continuations", "top_p_filter_"]
+__all__ = ["Continuations", "interleaved_continuations", "sample_continuations", "top_p_filter_"]
 
 IGNORE = -100
 
@@ -71,41 +74,48 @@ def _left_aligned(ids: Tensor, mask: Tensor, pad_id: int) -> tuple[Tensor, Tenso
     return torch.where(keep, ids.gather(1, source), pad_id), keep.long()
 
 
-@torch.no_grad()
-def sample_continuations(model: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: int,
-                         temperature: float = 1.0, top_p: float = 1.0, stop_ids: Sequence[int] = (),
-                         pad_id: int = 0, generator: torch.Generator | None = None) -> Continuations:
-    """Sample continuations of right-padded prompts (see the module doc); ``model`` is left in the
-    train/eval mode it had."""
+class _Stepper:
+    """One model's incremental decoding: its KV cache, and the next-token logits of each row's last
+    position (never ``[B, T, V]``)."""
+
+    def __init__(self, model: torch.nn.Module):
+        from transformers import DynamicCache
+
+        self.decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        self.keyword = _cache_keyword(self.decoder)
+        self.head, self.cap, self.cache = model.get_output_embeddings(), final_logit_softcap(model), DynamicCache()
+
+    def __call__(self, ids: Tensor, attention: Tensor, positions: Tensor) -> Tensor:
+        out = self.decoder(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True,
+                           **{self.keyword: self.cache})
+        return logits_from_hidden(out.last_hidden_state[:, -1], self.head.weight, getattr(self.head, "bias", None),
+                                  self.cap)
+
+
+def _decode(models: Sequence[torch.nn.Module], prompt_ids: Tensor, prompt_mask: Tensor, choose, *,
+            max_new_tokens: int, stop_ids: Sequence[int], pad_id: int) -> Continuations:
+    """The decoding loop: every model reads the same tokens (each with its own cache), and
+    ``choose(step, [logits of each model])`` picks each row's next token. Models are put in eval
+    mode and left in the mode they had."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature} and {top_p}")
     if bool((prompt_mask.sum(dim=1) == 0).any()):
         raise ValueError("every prompt needs at least one token")
-    from transformers import DynamicCache
-
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    cache_kwarg = _cache_keyword(decoder)
-    head = model.get_output_embeddings()
-    cap = final_logit_softcap(model)
+    steppers = [_Stepper(model) for model in models]
     stops = torch.tensor(sorted(set(int(i) for i in stop_ids)), dtype=torch.long, device=prompt_ids.device)
     ids, mask = _left_aligned(prompt_ids, prompt_mask, pad_id)
     rows = ids.shape[0]
-    cache = DynamicCache()
     new_tokens = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=ids.device)
     new_mask = torch.zeros_like(new_tokens)
     running = torch.ones(rows, dtype=torch.bool, device=ids.device)
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
     step_ids, attention = ids, mask
-    was_training = model.training
-    model.eval()
+    modes = [model.training for model in models]
+    for model in models:
+        model.eval()
     try:
         for t in range(max_new_tokens):
-            out = decoder(input_ids=step_ids, attention_mask=attention, position_ids=positions, use_cache=True,
-                          **{cache_kwarg: cache})
-            last = logits_from_hidden(out.last_hidden_state[:, -1], head.weight, getattr(head, "bias", None), cap)
-            token = torch.where(running, _draw(last, temperature, top_p, generator), pad_id)
+            token = torch.where(running, choose(t, [step(step_ids, attention, positions) for step in steppers]), pad_id)
             new_tokens[:, t], new_mask[:, t] = token, running.long()
             if len(stops):
                 running = running & ~torch.isin(token, stops)
@@ -115,8 +125,60 @@ def sample_continuations(model: torch.nn.Module, prompt_ids: Tensor, prompt_mask
             attention = torch.cat([attention, torch.ones_like(step_ids)], dim=1)
             positions = positions[:, -1:] + 1
     finally:
-        model.train(was_training)
+        for model, mode in zip(models, modes):
+            model.train(mode)
     return _joined(prompt_ids, prompt_mask, new_tokens[:, :t + 1], new_mask[:, :t + 1], pad_id)
+
+
+def _check_sampling(temperature: float, top_p: float) -> None:
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature} and {top_p}")
+
+
+@torch.no_grad()
+def sample_continuations(model: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, *, max_new_tokens: int,
+                         temperature: float = 1.0, top_p: float = 1.0, stop_ids: Sequence[int] = (),
+                         pad_id: int = 0, generator: torch.Generator | None = None) -> Continuations:
+    """Sample continuations of right-padded prompts (see the module doc); ``model`` is left in the
+    train/eval mode it had."""
+    _check_sampling(temperature, top_p)
+    return _decode([model], prompt_ids, prompt_mask, lambda t, logits: _draw(logits[0], temperature, top_p, generator),
+                   max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id)
+
+
+@torch.no_grad()
+def interleaved_continuations(student: torch.nn.Module, teacher: torch.nn.Module, prompt_ids: Tensor,
+                              prompt_mask: Tensor, *, top_k: int, max_new_tokens: int, temperature: float = 1.0,
+                              top_p: float = 1.0, stop_ids: Sequence[int] = (), pad_id: int = 0,
+                              generator: torch.Generator | None = None) -> tuple[Continuations, Tensor]:
+    """SKD's interleaved sampling: at each position the student draws a token; it is kept if it is
+    among the teacher's ``top_k`` most probable tokens there, and otherwise replaced by a draw from
+    the teacher's distribution (same ``temperature`` and ``top_p``). Both models read the resulting
+    sequence, each with its own KV cache. Returns the continuations and a ``[B, L]`` bool mask of the
+    replaced tokens (aligned with the response: column j is the j-th new token)."""
+    _check_sampling(temperature, top_p)
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    replaced = []
+
+    def choose(t: int, logits: list[Tensor]) -> Tensor:
+        student_logits, teacher_logits = logits
+        if student_logits.shape[-1] != teacher_logits.shape[-1]:
+            raise ValueError(f"student and teacher vocabularies differ ({student_logits.shape[-1]} and "
+                             f"{teacher_logits.shape[-1]}): interleaving needs one tokenizer")
+        proposal = _draw(student_logits, temperature, top_p, generator)
+        # drawn for every row, needed or not, so each row's randomness does not depend on the others'
+        fallback = _draw(teacher_logits, temperature, top_p, generator)
+        top = teacher_logits.topk(min(top_k, teacher_logits.shape[-1]), dim=-1).indices
+        keep = (top == proposal.unsqueeze(1)).any(dim=1)
+        replaced.append(~keep)
+        return torch.where(keep, proposal, fallback)
+
+    out = _decode([student, teacher], prompt_ids, prompt_mask, choose, max_new_tokens=max_new_tokens,
+                  stop_ids=stop_ids, pad_id=pad_id)
+    flags = torch.stack(replaced, dim=1) & (torch.arange(len(replaced), device=prompt_ids.device)
+                                            < out.response_lengths.unsqueeze(1))
+    return out, flags
 
 
 def _cache_keyword(decoder: torch.nn.Module) -> str:
