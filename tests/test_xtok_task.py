@@ -203,3 +203,23 @@ def test_refusals_are_one_line_before_step_one(folders, tmp_path, tokenizers):
     assert type(same) is LMTask
     with pytest.raises(UserError, match="set student.model"):
         same.check_student("onpolicy", same.recipe.students["onpolicy"])
+
+
+def test_the_cross_tokenizer_recipes_validate():
+    from potstill.config import load_recipe_data, validate
+    from potstill.tasks.lm_config import LMRecipe
+
+    for name in ("cross-tokenizer", "cross-tokenizer-smoke"):
+        r = validate(LMRecipe, load_recipe_data(name))
+        assert r.student.model == "gemma3-270m" and r.teacher.model == "smollm2-135m-instruct"
+        assert r.students["baseline"].method == "lm_ce"
+        assert {s.method for s in r.students.values()} == {"lm_ce", "uld", "hybrid", "hybrid_onpolicy"}
+
+
+@pytest.mark.models
+def test_the_smoke_recipe_runs_with_the_real_pair(tmp_path):
+    done = potstill("distill", "cross-tokenizer-smoke", "--out", str(tmp_path / "run"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["teacher"]["metrics"]["bits_per_byte"]["mean"] < report["untouched_student"]["metrics"]["bits_per_byte"]["mean"]
+    assert set(report["students"]) == {"baseline", "uld", "hybrid", "hybrid_onpolicy"}

@@ -20,6 +20,7 @@ from torch import Tensor
 from potstill.batches import Origin, TokenBatch, TokenView
 from potstill.core.hashing import keyed_seed
 from potstill.data.text import retokenize_for_teacher
+from potstill.data.text.alignment import needs_start, start_token, with_start
 from potstill.methods.gkd import SCORE_NEED, stop_and_pad_ids
 from potstill.methods.hybrid import HybridConfig, hybrid_losses
 from potstill.methods.base import Method
@@ -59,10 +60,14 @@ class OnPolicyHybrid(Method):
                                    temperature=cfg.sampling_temperature, top_p=cfg.top_p, stop_ids=stop_ids,
                                    pad_id=pad_id, generator=generator)
         lengths = out.attention_mask.sum(dim=1).tolist()
-        aligned = [retokenize_for_teacher(out.input_ids[b, :n].cpu(), teacher.student_tokenizer,
-                                          teacher.teacher_tokenizer) for b, n in enumerate(lengths)]
+        t_tok = teacher.teacher_tokenizer
+        aligned = [retokenize_for_teacher(out.input_ids[b, :n].cpu(), teacher.student_tokenizer, t_tok)
+                   for b, n in enumerate(lengths)]
+        # the teacher reads its side as it read the training text: after its start token
+        aligned = [with_start(al, None, start_token(t_tok) if needs_start(t_tok, al.teacher_ids) else None)
+                   for al in aligned]
         width = max(len(al.teacher_ids) for al in aligned)
-        t_pad = teacher.teacher_tokenizer.pad_token_id or 0
+        t_pad = t_tok.pad_token_id or 0
         t_ids = torch.full((len(aligned), width), int(t_pad), dtype=torch.long)
         t_mask = torch.zeros_like(t_ids)
         for b, al in enumerate(aligned):

@@ -65,10 +65,13 @@ class LMTask(TaskBase):
                         "exact_match": True}
     teacher_targets: str | None = None  # where the students' teacher targets came from, set by prepare_teacher
 
+    #: (predicate, subclass) for recipes another class runs (a student with its own tokenizer:
+    #: potstill.tasks.lm_xtok), registered by their own modules
+    variants: list = []
+
     def __new__(cls, recipe: LMRecipe | None = None, *args, **kwargs):
-        if cls is LMTask and recipe is not None and recipe.student.model:  # a student with its own tokenizer
-            from potstill.tasks.lm_xtok import CrossTokenizerLMTask  # noqa: PLC0415 (it subclasses this one)
-            cls = CrossTokenizerLMTask
+        if cls is LMTask and recipe is not None:
+            cls = next((variant for when, variant in LMTask.variants if when(recipe)), cls)
         return super().__new__(cls)
 
     def __init__(self, recipe: LMRecipe):

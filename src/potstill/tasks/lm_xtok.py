@@ -195,3 +195,6 @@ class CrossTokenizerLMTask(LMTask):
 
     def store_source(self):
         raise UserError("`potstill store` for a cross-tokenizer run is not supported yet; drop student.model")
+
+
+LMTask.variants.append((lambda recipe: bool(recipe.student.model), CrossTokenizerLMTask))

@@ -22,13 +22,13 @@ from potstill.core.errors import UserError
 from potstill.core.hashing import keyed_seed, tensor_digest
 from potstill.data.order import StepOrder
 from potstill.data.text import align_text, split_by_size
-from potstill.data.text.alignment import Alignment
-from potstill.data.text.token_bytes import AlignmentError, token_bytes
+from potstill.data.text.alignment import Alignment, needs_start, start_token, with_start
+from potstill.data.text.token_bytes import AlignmentError
 from potstill.data.tokens import TokenSplit
 from potstill.tasks.lm_config import LMDataConfig
 from potstill.tasks.lm_data import documents
 
-__all__ = ["XTokSplit", "XTokBatches", "build_xtok_data", "start_token", "with_start", "pad_rows"]
+__all__ = ["XTokSplit", "XTokBatches", "build_xtok_data", "pad_rows"]
 
 
 @dataclass
@@ -43,32 +43,6 @@ class XTokSplit:
 
     def fingerprint(self) -> str:
         return tensor_digest(self.student.input_ids, self.teacher.input_ids, self.student.labels)
-
-
-def start_token(tokenizer: Any) -> int:
-    """The id a sequence opens with when the tokenizer adds no special token of its own."""
-    for token in (tokenizer.bos_token_id, tokenizer.eos_token_id):
-        if token is not None:
-            return int(token)
-    raise UserError("a cross-tokenizer tokenizer needs a BOS or EOS token to open its sequences with")
-
-
-def with_start(al: Alignment, student_start: int | None, teacher_start: int | None) -> Alignment:
-    """``al`` with a start token put in front of either side (its spans shift by one there)."""
-    spans = al.spans.clone()
-    s_ids, t_ids, s_span, t_span = al.student_ids, al.teacher_ids, al.student_span, al.teacher_span
-    minus = torch.full((1,), -1, dtype=torch.long)
-    if student_start is not None:
-        s_ids, s_span = torch.cat([torch.tensor([student_start]), s_ids]), torch.cat([minus, s_span])
-        spans[:, 0:2] += 1
-    if teacher_start is not None:
-        t_ids, t_span = torch.cat([torch.tensor([teacher_start]), t_ids]), torch.cat([minus, t_span])
-        spans[:, 2:4] += 1
-    return Alignment(s_ids, t_ids, spans, s_span, t_span)
-
-
-def needs_start(tokenizer: Any, ids: list[int] | torch.Tensor) -> bool:
-    return len(ids) == 0 or int(ids[0]) not in token_bytes(tokenizer).special
 
 
 def pad_rows(rows: list[torch.Tensor], pad_id: int, width: int | None = None) -> TokenSplit:
