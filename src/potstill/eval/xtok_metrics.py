@@ -24,13 +24,18 @@ from potstill.data.tokens import TokenSplit
 from potstill.eval.lm_metrics import evaluate_lm
 from potstill.models.hf import final_logit_softcap, lm_hidden_and_head, logits_from_hidden
 
-__all__ = ["bits_per_byte", "span_top_tokens", "span_agreement"]
+__all__ = ["bits_per_byte", "text_metrics", "span_top_tokens", "span_agreement"]
+
+
+def text_metrics(model: torch.nn.Module, split: TokenSplit, num_bytes: Sequence[int], batch_size: int = 8) -> dict:
+    """``bits_per_byte`` and the per-token ``perplexity`` of the model's own tokenization, one pass."""
+    held = evaluate_lm(model, None, [v.as_dict() for v in split.eval_views(batch_size)])
+    nats = math.log(held["perplexity"]) * held["tokens"]
+    return {"bits_per_byte": nats / (math.log(2.0) * sum(num_bytes)), "perplexity": held["perplexity"]}
 
 
 def bits_per_byte(model: torch.nn.Module, split: TokenSplit, num_bytes: Sequence[int], batch_size: int = 8) -> float:
-    views = [v.as_dict() for v in split.eval_views(batch_size)]
-    held = evaluate_lm(model, None, views)
-    return math.log(held["perplexity"]) * held["tokens"] / (math.log(2.0) * sum(num_bytes))
+    return text_metrics(model, split, num_bytes, batch_size)["bits_per_byte"]
 
 
 @torch.no_grad()

@@ -26,9 +26,8 @@ from potstill.core.distributed import launched_world
 from potstill.core.errors import UserError
 from potstill.core.hashing import tokenizer_sha256
 from potstill.core.io import save_tensors
-from potstill.eval.lm_metrics import evaluate_lm
 from potstill.eval.metrics import PeakMemory
-from potstill.eval.xtok_metrics import bits_per_byte, span_agreement, span_top_tokens
+from potstill.eval.xtok_metrics import span_agreement, span_top_tokens, text_metrics
 from potstill.methods import method_class, method_config
 from potstill.models.hf import load_causal_lm, load_tokenizer, make_student, save_student_folder, stop_token_ids
 from potstill.models.params import count_params
@@ -110,8 +109,7 @@ class CrossTokenizerLMTask(LMTask):
     def _held_out(self, model: torch.nn.Module, side: str) -> dict[str, float]:
         split = self.xtest.student if side == "student" else self.xtest.teacher
         batch = self.recipe.eval.batch_size
-        out = {"bits_per_byte": bits_per_byte(model, split, self.xtest.num_bytes, batch),
-               "perplexity": evaluate_lm(model, None, [v.as_dict() for v in split.eval_views(batch)])["perplexity"]}
+        out = text_metrics(model, split, self.xtest.num_bytes, batch)
         tokenizer = self.student_tokenizer if side == "student" else self.teacher_tokenizer
         tops = span_top_tokens(model, split, self.xtest.alignments, tokenizer, side=side, batch_size=batch)
         if side == "teacher":
