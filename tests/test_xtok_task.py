@@ -144,6 +144,7 @@ def recipe(folder, s_model, t_model, **changes):
     return path
 
 
+@pytest.mark.slow  # ~13 s on this machine: the CLI, a teacher, an untouched student and two students
 def test_a_cross_tokenizer_run_reports_bits_per_byte_for_every_model(folders, tmp_path):
     student, teacher = folders
     with session_cache():
