@@ -105,6 +105,9 @@ class TokenBatch:
     origin: Origin = Origin.DATASET
     num_items: int | None = None  # set by the trainer: target tokens of the whole step
     seed: int = 0  # key of this micro-batch's own randomness (its rollouts), a function of (seed, step, micro)
+    #: cross-tokenizer batches: one alignment per sequence (``potstill.data.text.Alignment``), the
+    #: spans where the student's and the teacher's tokens spell the same bytes
+    aligned: list | None = None
 
     #: methods divide by ``num_items``, which already covers every micro-batch of the step
     step_normalised = True

@@ -16,6 +16,8 @@ from potstill.methods.distillm import DistiLLM
 from potstill.methods.dml import DML
 from potstill.methods.fitnet import FitNet
 from potstill.methods.gkd import GKD
+from potstill.methods.hybrid import Hybrid
+from potstill.methods.hybrid_onpolicy import OnPolicyHybrid
 from potstill.methods.kd import KD
 from potstill.methods.lm_ce import LMCrossEntropy
 from potstill.methods.lm_kd import LMDistill
@@ -27,10 +29,12 @@ from potstill.methods.self_kd import SelfKD
 from potstill.methods.seqkd import SeqKD
 from potstill.methods.skd import SKD
 from potstill.methods.taid import TAID
+from potstill.methods.uld import ULD
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (CrossEntropy, KD, DKD, FitNet, AttentionTransfer, RKD, CRD, SelfKD, DML, PSKD,
-                               LMCrossEntropy, LMDistill, GKD, DistiLLM, SeqKD, TAID, SKD, OnPolicyRKL, OPSD)
+                               LMCrossEntropy, LMDistill, GKD, DistiLLM, SeqKD, TAID, SKD, OnPolicyRKL, OPSD,
+                               ULD, Hybrid, OnPolicyHybrid)
 }
 
 

@@ -65,6 +65,15 @@ class LMTask(TaskBase):
                         "exact_match": True}
     teacher_targets: str | None = None  # where the students' teacher targets came from, set by prepare_teacher
 
+    #: (predicate, subclass) for recipes another class runs (a student with its own tokenizer:
+    #: potstill.tasks.lm_xtok), registered by their own modules
+    variants: list = []
+
+    def __new__(cls, recipe: LMRecipe | None = None, *args, **kwargs):
+        if cls is LMTask and recipe is not None:
+            cls = next((variant for when, variant in LMTask.variants if when(recipe)), cls)
+        return super().__new__(cls)
+
     def __init__(self, recipe: LMRecipe):
         self.recipe = recipe
         self.runtime = resolve_runtime(recipe.device, recipe.precision)
@@ -381,6 +390,9 @@ class LMTask(TaskBase):
 
     def check_student(self, name: str, cfg) -> str | None:
         method_cls = method_class(cfg.method, where=f"students.{name}.method")
+        if getattr(method_cls, "cross_tokenizer", False) and not self.recipe.student.model:
+            raise UserError(f"students.{name}.method '{cfg.method}' distils across tokenizers: set student.model "
+                            "(a pretrained model with its own tokenizer), or use lm_kd")
         if not method_cls.for_tokens:
             lm_methods = ", ".join(n for n, c in METHODS.items() if c.for_tokens)
             raise UserError(f"students.{name}.method '{cfg.method}' is a classifier method; LM recipes use {lm_methods}")

@@ -60,11 +60,16 @@ class LMTeacherConfig(ServedTeacherKeys):  # teacher.url and its settings: a ser
 
 
 class LMStudentModelConfig(Strict):
-    num_layers: int = Field(1, gt=0, description="Decoder layers of the student.")
+    model: str | None = Field(None, description="A pretrained model with its own tokenizer (built-in name or local "
+                              "Hugging Face folder): the students start from its weights, layer-pruned to num_layers "
+                              "evenly spaced layers, and are distilled across tokenizers (docs/cross-tokenizer.md). "
+                              "null: the students are built from the teacher and share its tokenizer.")
+    num_layers: int = Field(1, gt=0, description="Decoder layers of the student (with student.model: that model's "
+                            "layers kept, at most all of them).")
     hidden_size: int | None = Field(None, description="Student width (null: the teacher's).")
     intermediate_size: int | None = Field(None, description="Student MLP width (null: the teacher's).")
     num_heads: int | None = Field(None, description="Attention heads (null: the teacher's).")
-    init: Literal["teacher_layers", "random"] = Field("teacher_layers", description="Copy evenly spaced teacher layers (same width only) or random init.")
+    init: Literal["teacher_layers", "random"] = Field("teacher_layers", description="Copy evenly spaced teacher layers (same width only) or random init. With student.model: that model's own layers (teacher_layers only).")
 
 
 class LMDataConfig(Strict):

@@ -173,5 +173,6 @@ def rank_share(batch: Batch, world: World) -> Batch:
     if isinstance(batch, TokenBatch):
         def cut(view: TokenView | None) -> TokenView | None:
             return None if view is None else TokenView(view.input_ids[part], view.attention_mask[part], view.labels[part])
-        return dataclasses.replace(batch, student=cut(batch.student), teacher_view=cut(batch.teacher_view), index=index)
+        return dataclasses.replace(batch, student=cut(batch.student), teacher_view=cut(batch.teacher_view), index=index,
+                                   aligned=None if batch.aligned is None else batch.aligned[part])
     raise TypeError(f"cannot split a {type(batch).__name__} over processes")

@@ -39,7 +39,8 @@ from torch import Tensor
 from potstill.data.text.token_bytes import AlignmentError, TokenBytes, token_bytes
 from potstill.models.hf.chat import format_prompt, has_chat_template
 
-__all__ = ["Alignment", "align_ids", "align_text", "align_chat", "retokenize_for_teacher", "AlignmentError"]
+__all__ = ["Alignment", "align_ids", "align_text", "align_chat", "retokenize_for_teacher", "AlignmentError",
+           "start_token", "needs_start", "with_start"]
 
 
 @dataclass(frozen=True)
@@ -282,3 +283,28 @@ def align_chat(messages: list[dict], student_tokenizer: Any, teacher_tokenizer: 
         regions += [(sb + s_len, tb + t_len, n) for sb, tb, n in extra]
     return align_ids(s_ids, t_ids, student_tokenizer, teacher_tokenizer, regions)
 
+
+def start_token(tokenizer: Any) -> int:
+    """The id a sequence opens with when the tokenizer adds no special token of its own."""
+    for token in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if token is not None:
+            return int(token)
+    raise AlignmentError("a cross-tokenizer tokenizer needs a BOS or EOS token to open its sequences with")
+
+
+def with_start(al: Alignment, student_start: int | None, teacher_start: int | None) -> Alignment:
+    """``al`` with a start token put in front of either side (its spans shift by one there)."""
+    spans = al.spans.clone()
+    s_ids, t_ids, s_span, t_span = al.student_ids, al.teacher_ids, al.student_span, al.teacher_span
+    minus = torch.full((1,), -1, dtype=torch.long)
+    if student_start is not None:
+        s_ids, s_span = torch.cat([torch.tensor([student_start]), s_ids]), torch.cat([minus, s_span])
+        spans[:, 0:2] += 1
+    if teacher_start is not None:
+        t_ids, t_span = torch.cat([torch.tensor([teacher_start]), t_ids]), torch.cat([minus, t_span])
+        spans[:, 2:4] += 1
+    return Alignment(s_ids, t_ids, spans, s_span, t_span)
+
+
+def needs_start(tokenizer: Any, ids: list[int] | torch.Tensor) -> bool:
+    return len(ids) == 0 or int(ids[0]) not in token_bytes(tokenizer).special
