@@ -137,6 +137,20 @@ def kill_then_resume(recipe: Path, run: Path, cwd: Path, ready: Callable[[], boo
     return json.loads((run / "report.json").read_text())
 
 
+def assert_kill_resume_reproduces(recipe: Path, tmp_path: Path, student: str) -> tuple[dict, dict]:
+    """Run ``recipe`` straight, then again SIGKILLed after the student's first checkpoint and resumed;
+    the two runs must end with the same weights to the last bit. Returns both reports."""
+    from safetensors.torch import load_file
+
+    straight = potstill("distill", str(recipe), "--out", str(tmp_path / "straight"), cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr
+    run = tmp_path / "killed"
+    resumed = kill_then_resume(recipe, run, tmp_path, (run / "students" / student / "seed_0" / "checkpoint" / "state.json").exists)
+    a, b = (load_file(str(folder / "students" / student / "seed_0" / "student.safetensors")) for folder in (tmp_path / "straight", run))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return json.loads((tmp_path / "straight" / "report.json").read_text()), resumed
+
+
 # ---------------------------------------------------------------- loss formulas, written out (float64 in the tests)
 
 

@@ -7,9 +7,8 @@ import math
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
-from helpers import ROLLOUT_EOS, ROLLOUT_PAD, ROLLOUT_VOCAB, tiny_rollout_lm, kill_then_resume, potstill
+from helpers import ROLLOUT_EOS, ROLLOUT_PAD, ROLLOUT_VOCAB, tiny_rollout_lm, assert_kill_resume_reproduces
 from potstill.batches import IGNORE, Origin, TokenBatch, TokenView, plan_normaliser
 from potstill.core.errors import UserError
 from potstill.core.hashing import keyed_seed
@@ -102,10 +101,4 @@ def test_a_killed_distillm_run_resumes_to_the_same_weights(tmp_path):
     data["train"].update(steps=30, eval_every=10, checkpoint_every=10)
     recipe = tmp_path / "distillm.yaml"
     recipe.write_text(yaml.safe_dump(data))
-    straight = potstill("distill", str(recipe), "--out", str(tmp_path / "straight"), cwd=tmp_path)
-    assert straight.returncode == 0, straight.stderr
-    run = tmp_path / "killed"
-    kill_then_resume(recipe, run, tmp_path, (run / "students" / "distillm" / "seed_0" / "checkpoint" / "state.json").exists)
-    a = load_file(str(tmp_path / "straight" / "students" / "distillm" / "seed_0" / "student.safetensors"))
-    b = load_file(str(run / "students" / "distillm" / "seed_0" / "student.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_kill_resume_reproduces(recipe, tmp_path, "distillm")

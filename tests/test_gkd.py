@@ -1,14 +1,12 @@
 """GKD: the policy mix (lambda), its loss against TRL's generalized JSD on the student's own samples,
 reproducible rollouts, lambda = 0 as the off-policy path, teacher samples, and bad settings."""
 
-import json
 
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
-from helpers import ROLLOUT_EOS, ROLLOUT_PAD, ROLLOUT_VOCAB, tiny_rollout_lm, kill_then_resume, potstill, write_recipe
+from helpers import ROLLOUT_EOS, ROLLOUT_PAD, ROLLOUT_VOCAB, tiny_rollout_lm, assert_kill_resume_reproduces, potstill, write_recipe
 from potstill.batches import IGNORE, Origin, TokenBatch, TokenView, plan_normaliser
 from potstill.core.errors import UserError
 from potstill.methods.gkd import GKD
@@ -161,13 +159,5 @@ def smoke_recipe(folder, students, **train):
 def test_a_killed_on_policy_run_resumes_to_the_same_weights(tmp_path):
     students = {"gkd": load_recipe("onpolicy-smoke", []).model_dump(mode="json")["students"]["gkd_half"]}
     recipe = smoke_recipe(tmp_path, students, steps=30, eval_every=10, checkpoint_every=10)
-    straight = potstill("distill", str(recipe), "--out", str(tmp_path / "straight"), cwd=tmp_path)
-    assert straight.returncode == 0, straight.stderr
-    run = tmp_path / "killed"
-    checkpoint = run / "students" / "gkd" / "seed_0" / "checkpoint" / "state.json"
-    resumed = kill_then_resume(recipe, run, tmp_path, checkpoint.exists)
-    a = load_file(str(tmp_path / "straight" / "students" / "gkd" / "seed_0" / "student.safetensors"))
-    b = load_file(str(run / "students" / "gkd" / "seed_0" / "student.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    straight_report = json.loads((tmp_path / "straight" / "report.json").read_text())
+    straight_report, resumed = assert_kill_resume_reproduces(recipe, tmp_path, "gkd")
     assert resumed["students"]["gkd"]["selected_steps"] == straight_report["students"]["gkd"]["selected_steps"]

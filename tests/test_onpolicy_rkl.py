@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import ROLLOUT_VOCAB, kill_then_resume, potstill, tiny_rollout_lm
+from helpers import ROLLOUT_VOCAB, assert_kill_resume_reproduces, tiny_rollout_lm
 from potstill.batches import IGNORE, Origin, TokenBatch, TokenView
 from potstill.core.errors import UserError
 from potstill.methods import method_config
@@ -127,15 +127,8 @@ def test_bad_settings_fail_before_step_one():
 
 @pytest.mark.slow  # ~70 s
 def test_a_killed_onpolicy_rkl_run_resumes_to_the_same_weights(tmp_path):
-    from safetensors.torch import load_file
     from test_gkd import smoke_recipe
 
     recipe = smoke_recipe(tmp_path, {"rkl": {"method": "onpolicy_rkl", "params": {"max_new_tokens": 16}}},
                           steps=30, eval_every=10, checkpoint_every=10)
-    straight = potstill("distill", str(recipe), "--out", str(tmp_path / "straight"), cwd=tmp_path)
-    assert straight.returncode == 0, straight.stderr
-    run = tmp_path / "killed"
-    kill_then_resume(recipe, run, tmp_path, (run / "students" / "rkl" / "seed_0" / "checkpoint" / "state.json").exists)
-    a = load_file(str(tmp_path / "straight" / "students" / "rkl" / "seed_0" / "student.safetensors"))
-    b = load_file(str(run / "students" / "rkl" / "seed_0" / "student.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_kill_resume_reproduces(recipe, tmp_path, "rkl")

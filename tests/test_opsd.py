@@ -4,9 +4,8 @@ formula, its state round trip), the gold rows, bad settings and a killed run res
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from helpers import ROLLOUT_VOCAB, kill_then_resume, potstill, tiny_rollout_lm
+from helpers import ROLLOUT_VOCAB, assert_kill_resume_reproduces, tiny_rollout_lm
 from potstill.batches import IGNORE, Origin, TokenBatch, TokenView, plan_normaliser
 from potstill.core.errors import UserError
 from potstill.methods import method_config
@@ -106,10 +105,4 @@ def test_a_killed_opsd_run_resumes_to_the_same_weights(tmp_path):
 
     recipe = smoke_recipe(tmp_path, {"opsd": {"method": "opsd", "params": {"max_new_tokens": 16, "gold_weight": 1.0}}},
                           steps=30, eval_every=10, checkpoint_every=10)
-    straight = potstill("distill", str(recipe), "--out", str(tmp_path / "straight"), cwd=tmp_path)
-    assert straight.returncode == 0, straight.stderr
-    run = tmp_path / "killed"
-    kill_then_resume(recipe, run, tmp_path, (run / "students" / "opsd" / "seed_0" / "checkpoint" / "state.json").exists)
-    a = load_file(str(tmp_path / "straight" / "students" / "opsd" / "seed_0" / "student.safetensors"))
-    b = load_file(str(run / "students" / "opsd" / "seed_0" / "student.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_kill_resume_reproduces(recipe, tmp_path, "opsd")
