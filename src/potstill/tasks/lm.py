@@ -405,6 +405,29 @@ class LMTask(TaskBase):
                             f"rebuild the store with --temperature {method_cfg.temperature:g} or --format dense")
         return None
 
+    def _train_and_keep(self, name: str, cfg, seed: int, student: torch.nn.Module, method, batches, out_dir: Path,
+                        on_step: OnStep, tokenizer) -> tuple[torch.nn.Module, object, float, float]:
+        """Train ``method`` on ``batches``, select the best state, and (rank 0) write the student's
+        weights and its HF folder; returns (student, train result, seconds, peak memory in MB)."""
+        recipe = self.recipe
+        method.setup(batches.batch(0))
+        selection, started = self.selection(), time.perf_counter()
+        with PeakMemory() as memory:
+            result = train(method, batches=batches, evaluate=lambda: self._val_metrics(student), cfg=recipe.train,
+                           out_dir=out_dir, selection=selection["metric"], higher_is_better=selection["higher_is_better"],
+                           on_step=on_step, runtime=self.runtime, strategy=recipe.distributed.strategy)
+        elapsed = time.perf_counter() - started
+        student = best_student(method, result, lambda: self._new_student(seed)).eval()
+        if launched_world().is_main:
+            save_tensors(out_dir / "student.safetensors", student.state_dict())
+            save_student_folder(student, tokenizer, out_dir / "model", max_new_tokens=recipe.eval.generation_tokens,
+                                provenance={"recipe": recipe.name, "task": "lm", "student": name,
+                                            "method": cfg.method, "params": cfg.params, "seed": seed,
+                                            "selected_step": result.best_step,
+                                            "selected_value": {"val/perplexity": result.best_value},
+                                            "teacher": self.teacher.description})
+        return student, result, elapsed, memory.peak_mb
+
     def run_student(self, name: str, cfg, seed: int, out_dir: Path, on_step: OnStep) -> dict:
         recipe = self.recipe
         method_cls = method_class(cfg.method, where=f"students.{name}.method")
@@ -413,31 +436,15 @@ class LMTask(TaskBase):
         teacher = teacher_for(self.teacher, method_cfg) if method_cls.uses_teacher(method_cfg) else None
         method = method_cls(student, teacher, method_cfg, num_classes=len(self.tokenizer), num_train=len(self.train_set))
         batches = TokenBatches(self.train_set, recipe.train.batch_size, recipe.train.grad_accum, seed)
-        method.setup(batches.batch(0))
-        started = time.perf_counter()
-        selection = self.selection()
-        with PeakMemory() as memory:
-            result = train(method, batches=batches, evaluate=lambda: self._val_metrics(student), cfg=recipe.train,
-                           out_dir=out_dir, selection=selection["metric"], higher_is_better=selection["higher_is_better"],
-                           on_step=on_step, runtime=self.runtime, strategy=recipe.distributed.strategy)
-        elapsed = time.perf_counter() - started
-        student = best_student(method, result, lambda: self._new_student(seed)).eval()
+        student, result, elapsed, peak_mb = self._train_and_keep(name, cfg, seed, student, method, batches, out_dir,
+                                                                 on_step, self.tokenizer)
         ev = recipe.eval
-        if launched_world().is_main:
-            save_tensors(out_dir / "student.safetensors", student.state_dict())
-            save_student_folder(student, self.tokenizer, out_dir / "model", max_new_tokens=ev.generation_tokens,
-                                provenance={"recipe": recipe.name, "task": "lm", "student": name,
-                                            "method": cfg.method, "params": cfg.params, "seed": seed,
-                                            "selected_step": result.best_step,
-                                            "selected_value": {"val/perplexity": result.best_value},
-                                            "teacher": self.teacher.description})
-
         held_out = evaluate_lm(student, batches=self._test_batches(), **self._eval_teacher())
         tokens = result.trained_items
         metrics = {"perplexity": held_out["perplexity"], **self._verified(student),
                    **{k: held_out[k] for k in ("kl_to_teacher", "agreement") if k in held_out},
                    "params": count_params(student), "tokens_per_s": tokens / elapsed if elapsed > 0 and tokens else 0.0,
-                   "peak_memory_mb": memory.peak_mb}
+                   "peak_memory_mb": peak_mb}
         out = {"metrics": metrics, "best_step": result.best_step, "best_val": result.best_value,
                "resumed_from": result.resumed_from, "artifact": "model", "parallel": result.parallel,
                "train_seconds": round(result.seconds, 3)}

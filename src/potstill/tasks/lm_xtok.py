@@ -17,19 +17,15 @@ from a teacher store (a store built for another tokenizer pair is refused as suc
 from __future__ import annotations
 
 import copy
-import time
 from pathlib import Path
 
 import torch
 
-from potstill.core.distributed import launched_world
 from potstill.core.errors import UserError
 from potstill.core.hashing import tokenizer_sha256
-from potstill.core.io import save_tensors
-from potstill.eval.metrics import PeakMemory
 from potstill.eval.xtok_metrics import span_agreement, span_top_tokens, text_metrics
 from potstill.methods import method_class, method_config
-from potstill.models.hf import load_causal_lm, load_tokenizer, make_student, save_student_folder, stop_token_ids
+from potstill.models.hf import load_causal_lm, load_tokenizer, make_student, stop_token_ids
 from potstill.models.params import count_params
 from potstill.store.manifest import check_tokenizer_pair
 from potstill.tasks.keep import freeze
@@ -37,7 +33,6 @@ from potstill.tasks.lm import LMTask
 from potstill.tasks.lm_xtok_data import XTokBatches, build_xtok_data
 from potstill.tasks.registry import OnStep, OnStepFactory
 from potstill.teachers.cross_tokenizer import CrossTokenizerTeacher
-from potstill.train.trainer import best_student, train
 
 
 class CrossTokenizerLMTask(LMTask):
@@ -148,26 +143,12 @@ class CrossTokenizerLMTask(LMTask):
         teacher = self.teacher if method_cls.uses_teacher(method_cfg) else None
         method = method_cls(student, teacher, method_cfg, num_classes=self.student_vocab, num_train=len(self.xtrain))
         batches = XTokBatches(self.xtrain, recipe.train.batch_size, recipe.train.grad_accum, seed)
-        method.setup(batches.batch(0))
-        started, selection = time.perf_counter(), self.selection()
-        with PeakMemory() as memory:
-            result = train(method, batches=batches, evaluate=lambda: self._val_metrics(student), cfg=recipe.train,
-                           out_dir=out_dir, selection=selection["metric"], higher_is_better=selection["higher_is_better"],
-                           on_step=on_step, runtime=self.runtime, strategy=recipe.distributed.strategy)
-        elapsed = time.perf_counter() - started
-        student = best_student(method, result, lambda: self._new_student(seed)).eval()
-        if launched_world().is_main:
-            save_tensors(out_dir / "student.safetensors", student.state_dict())
-            save_student_folder(student, self.student_tokenizer, out_dir / "model",
-                                max_new_tokens=recipe.eval.generation_tokens,
-                                provenance={"recipe": recipe.name, "task": "lm", "student": name, "method": cfg.method,
-                                            "params": cfg.params, "seed": seed, "selected_step": result.best_step,
-                                            "selected_value": {"val/perplexity": result.best_value},
-                                            "teacher": self.teacher.description})
+        student, result, elapsed, peak_mb = self._train_and_keep(name, cfg, seed, student, method, batches, out_dir,
+                                                                 on_step, self.student_tokenizer)
         self._teacher_numbers()
         tokens = result.trained_items
         metrics = {**self._held_out(student, "student"), "params": count_params(student),
-                   "tokens_per_s": tokens / elapsed if elapsed > 0 and tokens else 0.0, "peak_memory_mb": memory.peak_mb}
+                   "tokens_per_s": tokens / elapsed if elapsed > 0 and tokens else 0.0, "peak_memory_mb": peak_mb}
         return {"metrics": metrics, "best_step": result.best_step, "best_val": result.best_value,
                 "resumed_from": result.resumed_from, "artifact": "model", "parallel": result.parallel,
                 "train_seconds": round(result.seconds, 3)}
