@@ -113,12 +113,9 @@ def test_serve_refuses_an_unknown_model_in_one_line():
 
 def test_refusals_before_anything_runs(server):
     from potstill.app.serve import _check_port
-    from potstill.app.store import store_source
 
     with pytest.raises(UserError, match=f"cannot listen on 127.0.0.1:{server.port}"):
         _check_port("127.0.0.1", server.port)
-    with pytest.raises(UserError, match="`potstill store` from a served teacher is not supported yet"):
-        store_source(load_recipe(str(server.recipe), [f"teacher.url={server.url}"]))
     with pytest.raises(UserError, match="not in teacher.url"):
         load_recipe(str(server.recipe), ["teacher.url=http://user:pw@127.0.0.1:1"])
     with pytest.raises(UserError, match="teacher.url and teacher.store"):

@@ -92,8 +92,9 @@ def store(
                                                 "distribution (language models; default 1)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sampling (keyed by shard, so reruns are identical)."),
     shard_size: int = typer.Option(64, "--shard-size", help="Sequences (examples) per shard."),
-    eval_targets: str = typer.Option("dense", "--eval-targets", help="dense: also store the test split's teacher "
-                                     "log-probs (exact kl_to_teacher/agreement without the teacher); none: skip."),
+    eval_targets: Optional[str] = typer.Option(None, "--eval-targets", help="dense (default): also store the test "
+                                               "split's teacher log-probs (exact kl_to_teacher/agreement without the "
+                                               "teacher); none: skip (the only choice with teacher.url)."),
     set_: List[str] = typer.Option([], "--set", help="Override a config key, as for distill (repeatable)."),
     nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help="Write the shards with N processes on this "
                                         "machine (launches torchrun; each writes its own shards, rank 0 the manifest)."),
@@ -113,7 +114,15 @@ def store(
     from potstill.tasks import load_recipe
 
     loaded = load_recipe(recipe, list(set_))
-    fmt = format_ or ("sampled" if loaded.task == "lm" else "dense")
+    served = getattr(getattr(loaded, "teacher", None), "url", None)
+    fmt = format_ or ("topk" if served else "sampled" if loaded.task == "lm" else "dense")
+    eval_targets = eval_targets or ("none" if served else "dense")
+    if served and (fmt != "topk" or eval_targets != "none"):
+        fail(f"teacher.url: a server gives only top-k log-probs, so its store is --format topk --eval-targets none "
+             f"(got --format {fmt} --eval-targets {eval_targets})")
+    if served:  # the store's k is what the server is asked for (the probe included)
+        k = loaded.teacher.top_k if k is None else k
+        loaded.teacher.top_k = k
     if fmt not in FORMATS:
         fail(f"--format must be one of {', '.join(FORMATS)} (got '{fmt}')")
     if eval_targets not in ("dense", "none"):

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import math
 
-
-
 from potstill.core.errors import UserError
+from potstill.core.hashing import json_digest, tokenizer_sha256
 from potstill.core.paths import cache_dir
 from potstill.data.tokens import TokenSplit
+from potstill.store.manifest import TeacherIdentity
+from potstill.store.source import StoreSource
 from potstill.tasks.lm_data import build_lm_data
 from potstill.teachers.base import Capability, TeacherSpec
 
@@ -106,3 +107,29 @@ def served_note(task) -> str:
             "the full teacher distribution)")
 
 
+
+
+def served_store_source(task) -> StoreSource:
+    """What ``potstill store`` writes from a server: the training rows' top-k (asked at ``--k``, kept in
+    the response cache like a run's), no logits, no entropy, no held-out targets (the server gives
+    top-k only); the teacher's report is the served one (perplexity from the server's log-probs)."""
+    from potstill.teachers.served.sparse import batch_targets
+
+    teacher, train = task.teacher, task.train_set
+    cache: dict[int, object] = {}
+
+    def topk(start: int, stop: int, k: int, temperature: float):
+        asked = cache.get(k) or cache.setdefault(k, teacher.with_k(k))
+        view = train.view(slice(start, stop))
+        rows = asked.score_rows(view.input_ids, view.attention_mask)
+        return batch_targets(rows, view.input_ids.shape[1], k, teacher.vocab_size, temperature)
+
+    identity = TeacherIdentity(description=teacher.description,
+                               weights_sha256=json_digest({"model": teacher.model, "root": teacher.root}, 64), params=0)
+    return StoreSource(
+        task="lm", recipe=task.recipe.name, vocab_size=teacher.vocab_size, seq_len=train.seq_len,
+        num_examples=len(train), heldout_examples=len(task.test_set), batch_size=16, logits=None, heldout_mask=None,
+        dataset_fingerprint=train.fingerprint(), heldout_fingerprint=task.test_set.fingerprint(),
+        tokenizer_sha256=tokenizer_sha256(task.tokenizer), teacher=identity,
+        teacher_report=lambda: {**served_teacher_report(task), "generations": []},
+        teacher_responses=list(task.teacher_responses), topk=topk)

@@ -72,6 +72,13 @@ class ServedTeacher:
         return ServedTeacher(self._shared, model=self.model, root=self.root, k=self.k, vocab_size=self.vocab_size,
                              temperature=temperature)
 
+    def with_k(self, k: int) -> "ServedTeacher":
+        """The same connection and cache, asking for ``k`` log-probs (``potstill store --k``)."""
+        if not 1 <= k <= self.vocab_size:
+            raise UserError(f"--k {k} is outside [1, {self.vocab_size}] (the vocabulary)")
+        return self if k == self.k else ServedTeacher(self._shared, model=self.model, root=self.root, k=k,
+                                                      vocab_size=self.vocab_size, temperature=self.temperature)
+
     @property
     def counts(self) -> dict[str, int]:
         """Sequences scored by the server, and reads of the response cache (every later use of an answer), so far."""
