@@ -180,6 +180,9 @@ def serve(
                                               "environment variable (bearer token) on /v1/ requests."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads (default: torch's)."),
     set_: List[str] = typer.Option([], "--set", help="Override a key of a recipe MODEL (repeatable)."),
+    error_rate: float = typer.Option(0.0, "--error-rate", help="addition-working (the rule-based text-only "
+                                     "teacher): share of problems answered with a planted slip."),
+    seed: int = typer.Option(0, "--seed", help="addition-working: which problems get the slips."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Serve a causal LM with the OpenAI completions API subset a served teacher uses (vLLM's JSON shapes)."""
@@ -187,7 +190,8 @@ def serve(
     from potstill.app.serve import serve as run_serve
 
     run_serve(model, host=host, port=port, max_logprobs=max_logprobs, served_model_name=served_model_name,
-              api_key_env=api_key_env, overrides=list(set_), threads=threads, console=console)
+              api_key_env=api_key_env, overrides=list(set_), threads=threads, console=console,
+              error_rate=error_rate, seed=seed)
 
 
 @app.command()

@@ -24,10 +24,12 @@ from potstill.methods.rkd import RKD
 from potstill.methods.self_kd import SelfKD
 from potstill.methods.seqkd import SeqKD
 from potstill.methods.taid import TAID
+from potstill.methods.textkd import TextSeqKD
+from potstill.methods.rationale import Rationale
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (CrossEntropy, KD, DKD, FitNet, AttentionTransfer, RKD, CRD, SelfKD, DML, PSKD,
-                               LMCrossEntropy, LMDistill, GKD, DistiLLM, SeqKD, TAID)
+                               LMCrossEntropy, LMDistill, GKD, DistiLLM, SeqKD, TAID, TextSeqKD, Rationale)
 }
 
 

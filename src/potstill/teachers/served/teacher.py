@@ -67,7 +67,7 @@ class ServedTeacher:
         client = ServedClient(cfg.url, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
                               api_key_env=cfg.api_key_env, connections=cfg.concurrency)
         model, root = _pick_model(client.get("/v1/models"), cfg.served_model, cfg.url)
-        if cfg.top_k > vocab_size:
+        if cfg.top_k > vocab_size and not cfg.text_only:  # a text-only teacher asks for no log-probs
             raise UserError(f"teacher.top_k={cfg.top_k} exceeds the vocabulary of {vocab_size}")
         shared = _Shared(client, ResponseCache(cache_folder), _token_strings(tokenizer),
                          ThreadPoolExecutor(cfg.concurrency, thread_name_prefix="served-teacher"), tokenizer)
@@ -195,6 +195,26 @@ class ServedTeacher:
             self._shared.client.abort()
             raise error
         return {p: f.result() for p, f in futures.items()}
+
+    def written(self, prompt_rows: list[list[int]], max_tokens: int) -> list[tuple[list[int] | None, list[int] | None]]:
+        """(answer ids, rationale ids) of the server's text answer to each prompt (token ids, decoded with
+        the local tokenizer): the text after the last ``####`` is the answer, the text before it the
+        rationale (None without one). A part that the local tokenizer cannot spell back exactly (other
+        characters) is None: a student cannot train on it."""
+        prompts = [self._shared.tokenizer.decode(row, skip_special_tokens=True) for row in prompt_rows]
+        answers = self.chat_many(prompts, max_tokens)
+        out = []
+        for prompt in prompts:
+            text = answers[prompt].text
+            rationale, _, answer = text.rpartition("####")
+            out.append((self.encode(answer.strip()), self.encode(rationale.strip()) if rationale.strip() else None))
+        return out
+
+    def encode(self, text: str) -> list[int] | None:
+        """``text``'s ids under the local tokenizer, None when they do not decode back to it."""
+        tokenizer = self._shared.tokenizer
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids if ids and tokenizer.decode(ids) == text else None
 
     # ---------------------------------------------------------------- the Teacher protocol
 
