@@ -109,3 +109,5 @@ def test_rationale_trains_answer_and_working_as_two_tasks(task):
             assert task.tokenizer.decode(out.teacher_view.input_ids[row, :first]) == f"{a}+{b}=="
     parts = method.forward(out)
     torch.testing.assert_close(parts["objective"], parts["answer_ce"] + parts["rationale_ce"])
+    # the trainer sums every entry with a grad: only the objective may have one
+    assert [k for k, v in parts.items() if v.requires_grad] == ["objective"]

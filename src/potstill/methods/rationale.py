@@ -81,5 +81,6 @@ class Rationale(TextSeqKD):
     def forward(self, batch: TokenBatch) -> dict[str, Tensor]:
         answer = mean_ce(self.student, batch.student, self.config.chunk_size)
         rationale = mean_ce(self.student, batch.teacher_view, self.config.chunk_size)
-        return {"objective": answer + self.config.rationale_weight * rationale, "answer_ce": answer,
-                "rationale_ce": self.config.rationale_weight * rationale}
+        # the trainer sums every entry that has a grad: the two parts are logged only (detached)
+        return {"objective": answer + self.config.rationale_weight * rationale, "answer_ce": answer.detach(),
+                "rationale_ce": (self.config.rationale_weight * rationale).detach()}
