@@ -113,12 +113,9 @@ def test_serve_refuses_an_unknown_model_in_one_line():
 
 def test_refusals_before_anything_runs(server):
     from potstill.app.serve import _check_port
-    from potstill.app.store import store_source
 
     with pytest.raises(UserError, match=f"cannot listen on 127.0.0.1:{server.port}"):
         _check_port("127.0.0.1", server.port)
-    with pytest.raises(UserError, match="`potstill store` from a served teacher is not supported yet"):
-        store_source(load_recipe(str(server.recipe), [f"teacher.url={server.url}"]))
     with pytest.raises(UserError, match="not in teacher.url"):
         load_recipe(str(server.recipe), ["teacher.url=http://user:pw@127.0.0.1:1"])
     with pytest.raises(UserError, match="teacher.url and teacher.store"):
@@ -245,3 +242,51 @@ def test_the_model_to_ask_for_must_be_served(server, local, tmp_path):
     with pytest.raises(UserError, match="serves .*, not 'nope' \\(teacher.served_model\\)"):
         connect(server.url, local, tmp_path, served_model="nope")
 
+
+
+# ---------------------------------------------------------------- the chat form
+
+
+def test_chat_top_logprobs_map_back_to_the_local_teachers_ids(server, local, tmp_path):
+    from potstill.teachers.served.chat import BytesIndex, token_bytes
+    tokens = local.train_set.input_ids[1, :10].tolist()
+    prompt = local.tokenizer.decode(tokens)
+    template = getattr(local.tokenizer, "chat_template", None)
+    text = local.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                               tokenize=False) if template else prompt
+    ids = local.tokenizer(text, add_special_tokens=False)["input_ids"]
+    teacher = connect(server.url, local, tmp_path)
+    answer = teacher.chat(prompt, max_tokens=3, top_logprobs=K)
+    # independently: greedy decoding with the local model, a full forward per token
+    generated = []
+    for step in range(3):
+        row = local_log_probs(local, ids + generated)[-1]
+        top_lp, top_ids = row.topk(K)
+        placed = answer.top_ids[step] >= 0
+        assert torch.equal(answer.top_ids[step][placed], top_ids[placed])
+        torch.testing.assert_close(answer.top_log_probs[step], top_lp, atol=1e-5, rtol=0)
+        generated.append(int(row.argmax()))
+    assert answer.tokens == generated and answer.ambiguous == int((answer.top_ids < 0).sum())
+    index = BytesIndex(local.tokenizer)
+    unique = sum(len(v) == 1 for v in index.ids.values())
+    assert unique > 0.9 * len(local.tokenizer)  # most ids are placed by their bytes
+    assert all(token_bytes(local.tokenizer, t) for t in generated)
+    again = teacher.chat(prompt, max_tokens=3, top_logprobs=K)  # from the disk cache
+    assert teacher.counts == {"asked": 1, "read_from_cache": 1} and again.tokens == answer.tokens
+    text = teacher.chat(prompt, max_tokens=3)  # text only
+    assert text.text == local.tokenizer.decode(generated, skip_special_tokens=True) and text.tokens is None
+
+
+def test_chat_entries_with_shared_bytes_go_to_the_tail(local):
+    from potstill.teachers.served.chat import BytesIndex, parse_chat
+    index = BytesIndex(local.tokenizer)
+    one = next(b for b, v in index.ids.items() if len(v) == 1 and b)
+    other = next(b for b, v in index.ids.items() if len(v) == 1 and b and b != one)
+    entry = lambda b, lp: {"token": b.decode(errors="replace"), "logprob": lp, "bytes": list(b)}  # noqa: E731
+    body = {"model": "m", "choices": [{"message": {"content": one.decode(errors="replace")}, "logprobs": {"content": [
+        {**entry(one, -0.5), "top_logprobs": [entry(one, -0.5), entry(other, -1.0), entry(other, -2.0)]}]}}]}
+    answer = parse_chat(body, model="m", k=3, index=index, where="x")
+    assert answer.top_ids.tolist() == [[index.ids[one][0], -1, -1]] and answer.ambiguous == 2
+    body["choices"][0]["logprobs"]["content"][0]["top_logprobs"][1]["bytes"] = [255, 254, 253, 252]
+    with pytest.raises(ServedAnswerError, match="no token of the student's tokenizer spells"):
+        parse_chat(body, model="m", k=3, index=index, where="x")

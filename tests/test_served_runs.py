@@ -134,3 +134,36 @@ def test_a_wrong_model_name_is_one_line_and_exit_2(server, tmp_path, monkeypatch
     assert result.stderr.strip().splitlines()[-1].startswith("error: teacher server")
     assert "not 'nope' (teacher.served_model)" in result.stderr and SECRET not in result.stderr
     assert_no_secret(tmp_path / "run")
+
+
+def test_potstill_store_from_a_server_equals_a_local_topk_store(server, tmp_path):
+    from potstill.store.reader import StoreReader
+    from potstill.tasks.lm import LMTask
+    task = LMTask(LMTask.store_recipe(load_recipe(str(server.recipe))))
+    with session_cache():
+        task.prepare_teacher(lambda label, total: (lambda step, losses: None))
+        build_store(task.store_source(), tmp_path / "local", fmt="topk", k=K,
+                    temperature=1.0, seed=0, shard_size=32, eval_targets="none")
+        # in process, as the CLI does it (the CLI's own checks are the next test)
+        build_store(store_source(load_recipe(str(server.recipe), served(server.url))), tmp_path / "served",
+                    fmt="topk", k=K, temperature=1.0, seed=0, shard_size=32, eval_targets="none")
+    local, remote = StoreReader(tmp_path / "local"), StoreReader(tmp_path / "served")
+    assert remote.manifest.format == "topk" and remote.manifest.k == K and remote.manifest.held_out is None
+    mask = task.train_set.attention_mask.bool()  # the positions that predict a next token: t < n - 1
+    valid = torch.arange(mask.shape[1]).expand_as(mask) < (mask.sum(dim=1) - 1).unsqueeze(1)
+    index = list(range(len(mask)))
+    a, b = local.rows(index), remote.rows(index)
+    assert "entropy" not in b  # a server does not give the full distribution
+    assert torch.equal(a["ids"][valid], b["ids"][valid])
+    # both are fp16 of fp32 log-probs, computed in two processes: equal to fp16 rounding
+    torch.testing.assert_close(b["log_probs"][valid].float(), a["log_probs"][valid].float(), rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(b["tail"][valid].float(), a["tail"][valid].float(), rtol=5e-3, atol=1e-4)
+    assert abs(remote.manifest.teacher_report["metrics"]["perplexity"]["mean"]
+               / local.manifest.teacher_report["metrics"]["perplexity"]["mean"] - 1) < 1e-4
+
+
+def test_potstill_store_from_a_server_refuses_other_formats(server, tmp_path):
+    result = potstill("store", str(server.recipe), "--out", str(tmp_path / "s"), "--format=sampled",
+                      f"--set=teacher.url={server.url}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--format topk --eval-targets none" in result.stderr.strip().splitlines()[-1]

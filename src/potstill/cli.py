@@ -92,8 +92,9 @@ def store(
                                                 "distribution (language models; default 1)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sampling (keyed by shard, so reruns are identical)."),
     shard_size: int = typer.Option(64, "--shard-size", help="Sequences (examples) per shard."),
-    eval_targets: str = typer.Option("dense", "--eval-targets", help="dense: also store the test split's teacher "
-                                     "log-probs (exact kl_to_teacher/agreement without the teacher); none: skip."),
+    eval_targets: Optional[str] = typer.Option(None, "--eval-targets", help="dense (default): also store the test "
+                                               "split's teacher log-probs (exact kl_to_teacher/agreement without the "
+                                               "teacher); none: skip (the only choice with teacher.url)."),
     set_: List[str] = typer.Option([], "--set", help="Override a config key, as for distill (repeatable)."),
     nproc: Optional[int] = typer.Option(None, "--nproc", min=1, help="Write the shards with N processes on this "
                                         "machine (launches torchrun; each writes its own shards, rank 0 the manifest)."),
@@ -113,7 +114,15 @@ def store(
     from potstill.tasks import load_recipe
 
     loaded = load_recipe(recipe, list(set_))
-    fmt = format_ or ("sampled" if loaded.task == "lm" else "dense")
+    served = getattr(getattr(loaded, "teacher", None), "url", None)
+    fmt = format_ or ("topk" if served else "sampled" if loaded.task == "lm" else "dense")
+    eval_targets = eval_targets or ("none" if served else "dense")
+    if served and (fmt != "topk" or eval_targets != "none"):
+        fail(f"teacher.url: a server gives only top-k log-probs, so its store is --format topk --eval-targets none "
+             f"(got --format {fmt} --eval-targets {eval_targets})")
+    if served:  # the store's k is what the server is asked for (the probe included)
+        k = loaded.teacher.top_k if k is None else k
+        loaded.teacher.top_k = k
     if fmt not in FORMATS:
         fail(f"--format must be one of {', '.join(FORMATS)} (got '{fmt}')")
     if eval_targets not in ("dense", "none"):
@@ -171,6 +180,9 @@ def serve(
                                               "environment variable (bearer token) on /v1/ requests."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads (default: torch's)."),
     set_: List[str] = typer.Option([], "--set", help="Override a key of a recipe MODEL (repeatable)."),
+    error_rate: float = typer.Option(0.0, "--error-rate", help="addition-working (the rule-based text-only "
+                                     "teacher): share of problems answered with a planted slip."),
+    seed: int = typer.Option(0, "--seed", help="addition-working: which problems get the slips."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     """Serve a causal LM with the OpenAI completions API subset a served teacher uses (vLLM's JSON shapes)."""
@@ -178,7 +190,8 @@ def serve(
     from potstill.app.serve import serve as run_serve
 
     run_serve(model, host=host, port=port, max_logprobs=max_logprobs, served_model_name=served_model_name,
-              api_key_env=api_key_env, overrides=list(set_), threads=threads, console=console)
+              api_key_env=api_key_env, overrides=list(set_), threads=threads, console=console,
+              error_rate=error_rate, seed=seed)
 
 
 @app.command()

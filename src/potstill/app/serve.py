@@ -63,11 +63,13 @@ def _check_port(host: str, port: int) -> None:
 
 
 def serve(model: str, *, host: str, port: int, max_logprobs: int, served_model_name: str | None,
-          api_key_env: str | None, overrides: list[str], threads: int | None, console: Console) -> None:
+          api_key_env: str | None, overrides: list[str], threads: int | None, console: Console,
+          error_rate: float = 0.0, seed: int = 0) -> None:
     try:
         import uvicorn
 
         from potstill.app.serve_api import Scorer, create_app
+        from potstill.app.serve_rules import RULE_MODELS, AdditionWorking
     except ImportError as error:
         raise UserError(f"potstill serve needs the optional package '{error.name}': {_INSTALL}") from None
     if max_logprobs < -1:
@@ -75,11 +77,21 @@ def serve(model: str, *, host: str, port: int, max_logprobs: int, served_model_n
     api_key = os.environ.get(api_key_env) if api_key_env else None
     if api_key_env and not api_key:
         raise UserError(f"--api-key-env {api_key_env}: that environment variable is not set")
+    if not 0.0 <= error_rate <= 1.0:
+        raise UserError(f"--error-rate must be in [0, 1], got {error_rate:g}")
+    if model not in RULE_MODELS and error_rate:
+        raise UserError(f"--error-rate applies to the rule-based teachers ({', '.join(RULE_MODELS)}), not to {model}")
     _check_port(host, port)
     if threads:
         torch.set_num_threads(threads)
-    lm, tokenizer = load_served_model(model, overrides)
     name = served_model_name or model
+    if model in RULE_MODELS:  # text only, a program (docs/served.md says what it is)
+        scorer = AdditionWorking(name, error_rate, seed)
+        console.print(f"potstill serve: '{name}' (rule-based text-only addition teacher, error rate {error_rate:g}, "
+                      f"seed {seed}) on http://{host}:{port}", highlight=False)
+        uvicorn.run(create_app(scorer, api_key), host=host, port=port, log_level="warning", access_log=False)
+        return
+    lm, tokenizer = load_served_model(model, overrides)
     scorer = Scorer(lm, tokenizer, name, f"potstill:{weights_sha256(lm)[:16]}", max_logprobs)
     limit = "no limit" if max_logprobs == -1 else max_logprobs
     console.print(f"potstill serve: '{name}' (vocabulary {scorer.vocab_size}, max logprobs {limit}"

@@ -3,6 +3,8 @@
 * ``GET /health``: 200 once the model is loaded.
 * ``GET /v1/models``: the one model, ``root`` = ``potstill:<weights sha256>`` (the served-teacher
   cache keys on it, so other weights under the same name are not mistaken for these).
+* ``POST /v1/chat/completions``: greedy text; with ``logprobs: true, top_logprobs: k`` each generated token's
+  top ``k`` as ``{"token", "logprob", "bytes"}`` (OpenAI's chat shape; teachers/served/chat.py maps them back).
 * ``POST /v1/completions``: ``prompt`` as token ids (or a string, tokenized here), ``max_tokens`` 0 or 1
   (the one token is the greedy one), ``prompt_logprobs: k`` -> per prompt position ``None`` for the
   first, then ``{"<id>": {"logprob", "rank", "decoded_token"}}`` for the ``k`` most probable ids of the
@@ -29,6 +31,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from potstill.models.hf import final_logit_softcap, lm_hidden_and_head, logits_from_hidden
+from potstill.teachers.served.chat import token_bytes
 
 _FLOOR = -9999.0  # vLLM's stand-in for -inf (JSON has none)
 
@@ -44,6 +47,22 @@ class CompletionRequest(BaseModel):
     return_token_ids: bool = False
     echo: bool = False
     n: int = Field(1, ge=1)
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    messages: list[dict] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    n: int = Field(1, ge=1)
+
+    def budget(self) -> int:
+        return self.max_completion_tokens or self.max_tokens or 16
 
 
 class BadRequest(Exception):
@@ -144,6 +163,47 @@ class Scorer:
                 "usage": {"prompt_tokens": len(tokens), "completion_tokens": len(generated),
                           "total_tokens": len(tokens) + len(generated)}}
 
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        """The tokenizer's chat template if it has one; else the messages' contents joined (a tokenizer made for
+        a task, such as addition's characters, has no template: its prompts are the raw text)."""
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokens_of(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+        return self.tokens_of("".join(str(m.get("content", "")) for m in messages))
+
+    def chat(self, request: ChatRequest) -> dict:
+        """Greedy decoding (one full forward a token: no KV cache, small models); with ``logprobs``, each
+        generated token's ``top_logprobs`` in OpenAI's chat shape (token string, fp32 log-prob, UTF-8 bytes)."""
+        if request.model is not None and request.model != self.name:
+            raise BadRequest(f"The model `{request.model}` does not exist.", 404, "NotFoundError", "model")
+        if request.n != 1 or (request.temperature or 0.0) != 0.0:
+            raise BadRequest("potstill serve decodes greedily: temperature must be 0 and n 1")
+        k = self.logprob_count(request.top_logprobs, "top_logprobs") if request.logprobs else None
+        tokens = self.chat_prompt(request.messages)
+        stops = {self.tokenizer.eos_token_id} - {None}
+        generated, content, finish = [], [], "length"
+        for _ in range(request.budget()):
+            row = self.log_probs(tokens + generated)[-1]
+            token = int(row.argmax())
+            if k is not None:
+                lps, ids = row.topk(k) if k else (row[:0], torch.zeros(0, dtype=torch.long))
+                content.append({**self._chat_entry(token, float(row[token])),
+                                "top_logprobs": [self._chat_entry(t, lp) for t, lp in zip(ids.tolist(), lps.tolist())]})
+            if token in stops:
+                finish = "stop"
+                break
+            generated.append(token)
+        text = self.tokenizer.decode(generated, skip_special_tokens=True)
+        choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                  "logprobs": {"content": content} if k is not None else None, "finish_reason": finish}
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": self.name, "choices": [choice],
+                "usage": {"prompt_tokens": len(tokens), "completion_tokens": len(content or generated),
+                          "total_tokens": len(tokens) + len(generated)}}
+
+    def _chat_entry(self, token: int, log_prob: float) -> dict:
+        text = self.decoded(token)
+        return {"token": text, "logprob": max(log_prob, _FLOOR), "bytes": list(token_bytes(self.tokenizer, token))}
+
     def _legacy_logprobs(self, row: torch.Tensor, token: int, k: int) -> dict:
         lps, ids = row.topk(k)
         top = {self.decoded(t): max(lp, _FLOOR) for t, lp in zip(ids.tolist(), lps.tolist())}
@@ -190,5 +250,9 @@ def create_app(scorer: Scorer, api_key: str | None = None) -> FastAPI:
     @app.post("/v1/completions")
     def completions(request: CompletionRequest) -> JSONResponse:  # sync: FastAPI runs it in its thread pool
         return JSONResponse(scorer.completion(request))
+
+    @app.post("/v1/chat/completions")
+    def chat(request: ChatRequest) -> JSONResponse:
+        return JSONResponse(scorer.chat(request))
 
     return app

@@ -29,12 +29,14 @@ from potstill.methods.self_kd import SelfKD
 from potstill.methods.seqkd import SeqKD
 from potstill.methods.skd import SKD
 from potstill.methods.taid import TAID
+from potstill.methods.textkd import TextSeqKD
+from potstill.methods.rationale import Rationale
 from potstill.methods.uld import ULD
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls for cls in (CrossEntropy, KD, DKD, FitNet, AttentionTransfer, RKD, CRD, SelfKD, DML, PSKD,
                                LMCrossEntropy, LMDistill, GKD, DistiLLM, SeqKD, TAID, SKD, OnPolicyRKL, OPSD,
-                               ULD, Hybrid, OnPolicyHybrid)
+                               ULD, Hybrid, OnPolicyHybrid, TextSeqKD, Rationale)
 }
 
 

@@ -14,6 +14,7 @@ from typing import Callable
 from torch import Tensor
 
 from potstill.store.manifest import TeacherIdentity
+from potstill.targets import SparseTargets
 
 
 @dataclass
@@ -25,7 +26,7 @@ class StoreSource:
     num_examples: int
     heldout_examples: int
     batch_size: int  # examples per teacher forward
-    logits: Callable[[str, int, int], Tensor]  # (split "train"/"test", start, stop) -> float32 logits
+    logits: Callable[[str, int, int], Tensor] | None  # (split "train"/"test", start, stop) -> float32 logits
     heldout_mask: Callable[[int, int], Tensor] | None  # LM: [n, T-1] rows that predict a label
     dataset_fingerprint: str
     heldout_fingerprint: str
@@ -34,3 +35,6 @@ class StoreSource:
     teacher_report: Callable[[], dict]
     teacher_responses: list[str] | None = None
     student_tokenizer_sha256: str | None = None  # cross-tokenizer stores: the student's tokenizer
+    # a teacher known only by its top-k (a server): (start, stop, k, temperature) -> the training rows'
+    # SparseTargets("topk"); its entropy is None (the full distribution is unknown). Set with logits=None.
+    topk: Callable[[int, int, int, float], SparseTargets] | None = None

@@ -27,7 +27,7 @@ from potstill.core.errors import UserError
 from potstill.store.manifest import (DEFAULT_EXACT, MANIFEST, HeldOut, Manifest, ShardInfo, bytes_per_token,
                                      default_k, ids_dtype, load_manifest, save_manifest, settings_difference)
 from potstill.store.source import StoreSource
-from potstill.targets import sample, stratified_draws, topk
+from potstill.targets import SparseTargets, sample, stratified_draws, topk
 
 LOG_FLOOR = -1e4  # log-probs are clamped here so that 0 * log 0 stays 0 in fp16 (exp(-1e4) == 0)
 
@@ -47,9 +47,7 @@ def encode_targets(logits: Tensor, manifest: Manifest, generator: torch.Generato
     if fmt == "dense":
         return {"log_probs": torch.log_softmax(logits / temperature, dim=-1).clamp(min=LOG_FLOOR).half()}
     if fmt == "topk":
-        t = topk(logits, k, temperature=temperature)
-        return {"ids": encode_ids(t.ids, manifest.ids_dtype), "log_probs": t.weights.log().clamp(min=LOG_FLOOR).half(),
-                "tail": t.tail.half(), "entropy": t.entropy.half()}
+        return encode_topk(topk(logits, k, temperature=temperature), manifest)
     if manifest.exact:  # stratified: exact head, k draws from the renormalised tail
         lead, m = logits.shape[:-1], manifest.exact
         s = stratified_draws(logits, k, m, temperature=temperature, generator=generator)
@@ -60,6 +58,20 @@ def encode_targets(logits: Tensor, manifest: Manifest, generator: torch.Generato
     t = sample(logits, k, temperature=temperature, generator=generator)
     return {"ids": encode_ids(t.ids, manifest.ids_dtype), "counts": (t.weights * k).round().to(torch.uint8),
             "entropy": t.entropy.half()}
+
+
+def encode_topk(t: SparseTargets, manifest: Manifest) -> dict[str, Tensor]:
+    """Top-k targets as a topk shard holds them; no ``entropy`` when the source does not know it (a server)."""
+    out = {"ids": encode_ids(t.ids, manifest.ids_dtype), "log_probs": t.weights.log().clamp(min=LOG_FLOOR).half(),
+           "tail": t.tail.half()}
+    return out if t.entropy is None else {**out, "entropy": t.entropy.half()}
+
+
+def _train_targets(source: StoreSource, start: int, stop: int, manifest: Manifest,
+                   generator: torch.Generator | None) -> dict[str, Tensor]:
+    if source.logits is None:  # a served teacher: top-k at T = 1 from the server (settings checked before)
+        return encode_topk(source.topk(start, stop, manifest.k, manifest.temperature), manifest)
+    return encode_targets(source.logits("train", start, stop), manifest, generator)
 
 
 def check_settings(task: str, fmt: str, k: int | None, temperature: float, shard_size: int,
@@ -101,6 +113,9 @@ def new_manifest(source: StoreSource, *, fmt: str, k: int | None, temperature: f
     """The manifest a build with these settings starts from (no shards yet); validates the settings.
     ``exact`` (sampled only): head ids kept exactly; None = ``DEFAULT_EXACT``, 0 = plain sampling."""
     k, exact = check_settings(source.task, fmt, k, temperature, shard_size, source.vocab_size, exact)
+    if source.logits is None and (fmt != "topk" or eval_targets == "dense"):
+        raise UserError(f"a teacher behind a server gives only its top-k log-probs: store it with --format topk "
+                        f"--eval-targets none (got --format {fmt} --eval-targets {eval_targets})")
     if source.task == "classification":
         temperature = 1.0  # raw logits serve any KD temperature
     lm = source.task == "lm"
@@ -227,7 +242,7 @@ def build_store(source: StoreSource, folder: Path, *, fmt: str, k: int | None, t
             continue
         first, stop = index * shard_size, min((index + 1) * shard_size, manifest.num_examples)
         generator = keyed_generator(seed, index, 7) if fmt == "sampled" else None
-        parts = [encode_targets(source.logits("train", s, min(s + source.batch_size, stop)), manifest, generator)
+        parts = [_train_targets(source, s, min(s + source.batch_size, stop), manifest, generator)
                  for s in range(first, stop, source.batch_size)]
         tensors = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
         finished("train", _shard(folder, f"train-{index:05d}.safetensors", first, stop, tensors, manifest))

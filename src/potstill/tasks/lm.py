@@ -44,7 +44,7 @@ from potstill.tasks.lm_config import LMRecipe, LMTeacherConfig
 from potstill.tasks.lm_data import build_lm_data, documents
 from potstill.tasks.lm_ensemble import check_one_tokenizer, lm_member_configs, member_label
 from potstill.tasks.lm_served import (check_served_recipe, prepare_served, served_note, served_spec,
-                                      served_teacher_report, teacher_for)
+                                      served_store_source, served_teacher_report, teacher_for)
 from potstill.tasks.registry import OnStep, OnStepFactory, TaskBase, register_task
 from potstill.teachers.base import TeacherSpec
 from potstill.teachers.lm import LMTeacher
@@ -338,13 +338,13 @@ class LMTask(TaskBase):
 
     @classmethod
     def store_recipe(cls, recipe: LMRecipe) -> LMRecipe:
-        if recipe.teacher.url:
-            raise UserError("`potstill store` from a served teacher is not supported yet; drop teacher.url")
         recipe = recipe.model_copy(deep=True)
         recipe.teacher.precompute = False  # the store is the precomputation
         return recipe
 
     def store_source(self) -> StoreSource:
+        if self.recipe.teacher.url:
+            return served_store_source(self)
         ensemble = self.recipe.teacher.ensemble
         if ensemble is not None and ensemble.weighting == "agreement":
             raise UserError("an agreement-weighted ensemble reads each token's label, which a store cannot keep; "

@@ -16,16 +16,20 @@ from __future__ import annotations
 
 import math
 
-
-
 from potstill.core.errors import UserError
+from potstill.core.hashing import json_digest, tokenizer_sha256
 from potstill.core.paths import cache_dir
 from potstill.data.tokens import TokenSplit
+from potstill.store.manifest import TeacherIdentity
+from potstill.store.source import StoreSource
 from potstill.tasks.lm_data import build_lm_data
 from potstill.teachers.base import Capability, TeacherSpec
 
 
 def served_spec(cfg) -> TeacherSpec:
+    if cfg.text_only:
+        return TeacherSpec(f"{cfg.served_model or 'the model'} served at {cfg.url} (text only)",
+                           frozenset({Capability.TEXT}))
     return TeacherSpec(f"{cfg.served_model or cfg.model} served at {cfg.url}",
                        frozenset({Capability.SPARSE_TOPK, Capability.SCORE_NEW}))
 
@@ -35,7 +39,7 @@ def check_served_recipe(recipe) -> None:
         raise UserError("teacher.url and teacher.store both name where the teacher's targets come from; keep one")
     if getattr(recipe.teacher, "ensemble", None) is not None:
         raise UserError("teacher.url with teacher.ensemble: an ensemble of served teachers is not supported yet")
-    if getattr(recipe.data, "source", "pydoc") != "pydoc":
+    if getattr(recipe.data, "source", "pydoc") != "pydoc" and not recipe.teacher.text_only:
         raise UserError(f"teacher.url with data.source={recipe.data.source}: served teachers score the pydoc "
                         "text data only so far")
 
@@ -58,6 +62,12 @@ def prepare_served(task, on_step_factory) -> None:
     task._keep_student_source(model)
     del model
     teacher = ServedTeacher.connect(cfg, task.tokenizer, vocab, cache_dir() / "served")
+    if cfg.text_only:  # nothing to score: the students ask for text when a step first draws a row
+        teacher.capabilities = frozenset({Capability.TEXT})
+        teacher.description = f"{teacher.model} served at {cfg.url} (text only)"
+        task.teacher, task.teacher_model, task.reused = teacher, None, False
+        task.teacher_targets = f"text answers from {cfg.url} (model {teacher.model}, chat completions, no log-probs)"
+        return
     first = task.train_set.view(slice(0, 1))
     teacher.probe(first.input_ids[0, :int(first.attention_mask.sum())].tolist())
     if cfg.precompute:
@@ -76,12 +86,32 @@ def teacher_for(teacher, method_cfg):
 def served_teacher_report(task) -> dict:
     """The teacher's held-out perplexity from the server (the log-prob of every actual label token)."""
     teacher = task.teacher
+    if task.recipe.teacher.text_only:
+        return _text_teacher_report(task)
     perplexity = _served_perplexity(teacher, task.test_set)
     task.teacher_generations = []
     return {"description": teacher.description, "reused": False,
             "served": {"url": teacher.url, "model": teacher.model, "root": teacher.root, "top_k": teacher.k,
                        **teacher.counts},
             "metrics": {"perplexity": {"mean": perplexity, "std": 0.0, "values": [perplexity]}}}
+
+
+def _text_teacher_report(task) -> dict:
+    """A text-only teacher's exact match on the test split, where the data have an exact verifier."""
+    teacher, split, metrics = task.teacher, task.test_set, {}
+    task.teacher_generations = []
+    if task.recipe.data.source == "addition":
+        eos, right = task.tokenizer.eos_token_id, 0
+        for start in range(0, len(split), 64):
+            view = split.view(slice(start, start + 64))
+            ids, mask = view.prompts(16)
+            written = teacher.written([i[m.bool()].tolist() for i, m in zip(ids, mask)], 64)
+            for row, (answer, _) in enumerate(written):
+                right += answer is not None and answer + [eos] == view.labels[row][view.labels[row] != -100].tolist()
+        metrics["exact_match"] = {"mean": right / len(split), "std": 0.0, "values": [right / len(split)]}
+    return {"description": teacher.description, "reused": False,
+            "served": {"url": teacher.url, "model": teacher.model, "root": teacher.root, "text_only": True,
+                       **teacher.counts}, "metrics": metrics}
 
 
 def _served_perplexity(teacher, split: TokenSplit) -> float:
@@ -99,6 +129,9 @@ def _served_perplexity(teacher, split: TokenSplit) -> float:
 
 def served_note(task) -> str:
     teacher = task.teacher
+    if task.recipe.teacher.text_only:
+        return (f"teacher answers came from {teacher.url} (model {teacher.model}) as text only, asked once per "
+                "distinct prompt and kept (response cache and the students' checkpoints); no teacher log-probs")
     return (f"teacher targets came from {teacher.url} (model {teacher.model}): the top {teacher.k} T=1 prompt "
             "log-probs of every position plus the tail mass; targets at T != 1 estimate the tail (docs/served.md); "
             "answers are kept in the response cache (teacher.served in report.json counts those asked and those "
@@ -106,3 +139,29 @@ def served_note(task) -> str:
             "the full teacher distribution)")
 
 
+
+
+def served_store_source(task) -> StoreSource:
+    """What ``potstill store`` writes from a server: the training rows' top-k (asked at ``--k``, kept in
+    the response cache like a run's), no logits, no entropy, no held-out targets (the server gives
+    top-k only); the teacher's report is the served one (perplexity from the server's log-probs)."""
+    from potstill.teachers.served.sparse import batch_targets
+
+    teacher, train = task.teacher, task.train_set
+    cache: dict[int, object] = {}
+
+    def topk(start: int, stop: int, k: int, temperature: float):
+        asked = cache.get(k) or cache.setdefault(k, teacher.with_k(k))
+        view = train.view(slice(start, stop))
+        rows = asked.score_rows(view.input_ids, view.attention_mask)
+        return batch_targets(rows, view.input_ids.shape[1], k, teacher.vocab_size, temperature)
+
+    identity = TeacherIdentity(description=teacher.description,
+                               weights_sha256=json_digest({"model": teacher.model, "root": teacher.root}, 64), params=0)
+    return StoreSource(
+        task="lm", recipe=task.recipe.name, vocab_size=teacher.vocab_size, seq_len=train.seq_len,
+        num_examples=len(train), heldout_examples=len(task.test_set), batch_size=16, logits=None, heldout_mask=None,
+        dataset_fingerprint=train.fingerprint(), heldout_fingerprint=task.test_set.fingerprint(),
+        tokenizer_sha256=tokenizer_sha256(task.tokenizer), teacher=identity,
+        teacher_report=lambda: {**served_teacher_report(task), "generations": []},
+        teacher_responses=list(task.teacher_responses), topk=topk)

@@ -35,6 +35,7 @@ class Capability(str, Enum):
     FEATURES = "features at module paths"
     SCORE_NEW = "scores for new sequences"  # targets for inputs outside the training set (rollouts)
     GENERATE = "generated text"
+    TEXT = "text answers"  # a served text-only teacher: answers to prompts, as text (no log-probs)
 
 
 @dataclass(frozen=True)

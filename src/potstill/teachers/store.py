@@ -53,7 +53,7 @@ class StoreTeacher:
             stored = rows["log_probs"]
             return TeacherOutput(logits=stored if m.temperature == 1.0 else stored.float() * m.temperature)
         ids = decode_ids(rows["ids"])
-        entropy = rows["entropy"].float()
+        entropy = rows["entropy"].float() if "entropy" in rows else None  # a store from a server has none
         if m.format == "sampled" and m.exact:  # stratified: [exact head probabilities, tail * count / k]
             tail = rows["tail"].float().unsqueeze(-1) * rows["counts"].float() / m.k
             weights = torch.cat([rows["head_log_probs"].float().exp(), tail], dim=-1)

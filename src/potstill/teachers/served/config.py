@@ -29,6 +29,9 @@ class ServedTeacherKeys(Strict):
     api_key_env: str = Field(DEFAULT_API_KEY_ENV, min_length=1, description="With teacher.url: the environment "
                              "variable that holds the server's API key (sent as a bearer token when set; never "
                              "written to logs, reports, config.yaml or the response cache).")
+    text_only: bool = Field(False, description="With teacher.url: the server answers only /v1/chat/completions with "
+                            "text (no log-probs), for the text_seqkd and rationale students; nothing is scored "
+                            "(docs/served.md).")
     served_model: str | None = Field(None, description="With teacher.url: the model name to ask the server for "
                                      "(null: the one model that /v1/models lists).")
 

@@ -15,6 +15,7 @@ compared). :meth:`ServedTeacher.probe` asks once, uncached, before training.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -26,7 +27,10 @@ from torch import Tensor
 from potstill.batches import TokenBatch
 from potstill.core.errors import UserError
 from potstill.teachers.base import Capability, TeacherOutput
+from potstill.core.hashing import json_digest
+from potstill.core.io import atomic_write_json
 from potstill.teachers.served.cache import ResponseCache, cache_key
+from potstill.teachers.served.chat import BytesIndex, ChatAnswer, parse_chat
 from potstill.teachers.served.client import ServedClient
 from potstill.teachers.served.config import ServedTeacherKeys
 from potstill.teachers.served.parse import Scored, ServedAnswerError, parse_completion
@@ -41,6 +45,8 @@ class _Shared:
     cache: ResponseCache
     strings: Callable[[int], set[str]]
     pool: ThreadPoolExecutor
+    tokenizer: Any = None
+    index: BytesIndex | None = None  # built on the first top_logprobs chat request (a pass over the vocabulary)
     asked: int = 0
     cached: int = 0
 
@@ -61,16 +67,23 @@ class ServedTeacher:
         client = ServedClient(cfg.url, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
                               api_key_env=cfg.api_key_env, connections=cfg.concurrency)
         model, root = _pick_model(client.get("/v1/models"), cfg.served_model, cfg.url)
-        if cfg.top_k > vocab_size:
+        if cfg.top_k > vocab_size and not cfg.text_only:  # a text-only teacher asks for no log-probs
             raise UserError(f"teacher.top_k={cfg.top_k} exceeds the vocabulary of {vocab_size}")
         shared = _Shared(client, ResponseCache(cache_folder), _token_strings(tokenizer),
-                         ThreadPoolExecutor(cfg.concurrency, thread_name_prefix="served-teacher"))
+                         ThreadPoolExecutor(cfg.concurrency, thread_name_prefix="served-teacher"), tokenizer)
         return cls(shared, model=model, root=root, k=cfg.top_k, vocab_size=vocab_size)
 
     def at(self, temperature: float) -> "ServedTeacher":
         """The same teacher with targets at ``temperature`` (same answers, same cache)."""
         return ServedTeacher(self._shared, model=self.model, root=self.root, k=self.k, vocab_size=self.vocab_size,
                              temperature=temperature)
+
+    def with_k(self, k: int) -> "ServedTeacher":
+        """The same connection and cache, asking for ``k`` log-probs (``potstill store --k``)."""
+        if not 1 <= k <= self.vocab_size:
+            raise UserError(f"--k {k} is outside [1, {self.vocab_size}] (the vocabulary)")
+        return self if k == self.k else ServedTeacher(self._shared, model=self.model, root=self.root, k=k,
+                                                      vocab_size=self.vocab_size, temperature=self.temperature)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -137,6 +150,72 @@ class ServedTeacher:
                     f"student's tokenizer as {sorted(local)[0]!r} (teacher.model must have the served model's "
                     "tokenizer)")
 
+    # ---------------------------------------------------------------- the chat form (text; top_logprobs)
+
+    def chat(self, prompt: str, max_tokens: int, top_logprobs: int | None = None) -> ChatAnswer:
+        """The server's greedy answer to one user message, from the disk cache or asked once and kept
+        (a rerun or --resume never asks again). With ``top_logprobs``, each generated token's top-k by id
+        (:mod:`.chat`: entries come keyed by bytes and are mapped back)."""
+        shared = self._shared
+        key = json_digest({"model": self.model, "root": self.root, "chat": prompt, "max_tokens": max_tokens,
+                           "top_logprobs": top_logprobs})
+        path = shared.cache.folder / "chat" / key[:2] / f"{key}.json"
+        if path.exists():
+            try:
+                kept = json.loads(path.read_text())
+                if kept["prompt"] == prompt:
+                    shared.cached += 1
+                    return _answer_from(kept)
+            except (ValueError, KeyError, OSError):
+                pass  # unreadable: asked again
+        body = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+                "temperature": 0.0}
+        if top_logprobs:
+            body.update(logprobs=True, top_logprobs=top_logprobs)
+            if shared.index is None:
+                shared.index = BytesIndex(shared.tokenizer)
+        answer = parse_chat(shared.client.post("/v1/chat/completions", body), model=self.model, k=top_logprobs,
+                            index=shared.index, where=self.url)
+        atomic_write_json(path, {"prompt": prompt, "text": answer.text, "tokens": answer.tokens,
+                                 "finish_reason": answer.finish_reason, "ambiguous": answer.ambiguous,
+                                 "top_ids": None if answer.top_ids is None else answer.top_ids.tolist(),
+                                 "top_log_probs": None if answer.top_log_probs is None else answer.top_log_probs.tolist()})
+        shared.asked += 1
+        return answer
+
+    def chat_many(self, prompts: list[str], max_tokens: int, top_logprobs: int | None = None) -> dict[str, ChatAnswer]:
+        """Each distinct prompt answered once (deduplicated), ``concurrency`` requests at a time."""
+        distinct = list(dict.fromkeys(prompts))
+        futures = {p: self._shared.pool.submit(self.chat, p, max_tokens, top_logprobs) for p in distinct}
+        done, _ = wait(futures.values(), return_when=FIRST_EXCEPTION)
+        error = next((f.exception() for f in done if f.exception() is not None), None)
+        if error is not None:
+            for future in futures.values():
+                future.cancel()
+            self._shared.client.abort()
+            raise error
+        return {p: f.result() for p, f in futures.items()}
+
+    def written(self, prompt_rows: list[list[int]], max_tokens: int) -> list[tuple[list[int] | None, list[int] | None]]:
+        """(answer ids, rationale ids) of the server's text answer to each prompt (token ids, decoded with
+        the local tokenizer): the text after the last ``####`` is the answer, the text before it the
+        rationale (None without one). A part that the local tokenizer cannot spell back exactly (other
+        characters) is None: a student cannot train on it."""
+        prompts = [self._shared.tokenizer.decode(row, skip_special_tokens=True) for row in prompt_rows]
+        answers = self.chat_many(prompts, max_tokens)
+        out = []
+        for prompt in prompts:
+            text = answers[prompt].text
+            rationale, _, answer = text.rpartition("####")
+            out.append((self.encode(answer.strip()), self.encode(rationale.strip()) if rationale.strip() else None))
+        return out
+
+    def encode(self, text: str) -> list[int] | None:
+        """``text``'s ids under the local tokenizer, None when they do not decode back to it."""
+        tokenizer = self._shared.tokenizer
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids if ids and tokenizer.decode(ids) == text else None
+
     # ---------------------------------------------------------------- the Teacher protocol
 
     @torch.no_grad()
@@ -188,3 +267,9 @@ def _token_strings(tokenizer: Any) -> Callable[[int], set[str]]:
                 known[token] = {tokenizer.convert_tokens_to_string(pieces), tokenizer.decode([token])}
         return known[token]
     return strings
+
+
+def _answer_from(kept: dict) -> ChatAnswer:
+    tensor = lambda rows, dtype: None if rows is None else torch.tensor(rows, dtype=dtype)  # noqa: E731
+    return ChatAnswer(kept["text"], kept["tokens"], tensor(kept["top_ids"], torch.long),
+                      tensor(kept["top_log_probs"], torch.float32), kept["ambiguous"], kept["finish_reason"])
