@@ -104,7 +104,6 @@ def test_cross_tokenizer_methods_train_across_two_tokenizers(tokenizers, cls, pa
         b = planned[0]
         assert b.origin.value == "rollout" and b.teacher_view is not None
         for row, al in enumerate(b.aligned):
-            first = int((b.student.labels[row] != -100).float().argmax())
             assert al.num_spans and int(al.spans[:, 0].min()) >= 1
             assert torch.equal(al.student_ids, b.student.input_ids[row, :len(al.student_ids)])
         planned[0].num_items = planned[0].count_targets()

@@ -116,7 +116,7 @@ def parse_chat(body: Any, *, model: str, k: int | None, index: BytesIndex | None
     content = (choices[0].get("logprobs") or {}).get("content")
     if not isinstance(content, list):
         fail("the chat answer has no logprobs.content (does the server support logprobs: true, top_logprobs?)")
-    tokens, top_ids, top_lps, unplaced = [], [], [], []
+    tokens, top_ids, top_lps = [], [], []
     for i, item in enumerate(content):
         top = item.get("top_logprobs") if isinstance(item, dict) else None
         if not isinstance(top, list) or len(top) < k:
