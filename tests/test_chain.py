@@ -96,6 +96,7 @@ def test_teacher_seed_is_chosen_on_validation_not_test(tmp_path):
     assert chosen["model"]["hidden"] == [4]
 
 
+@pytest.mark.slow  # a whole run (15-20 s quiet): CI runs every slow test after make test (.ci/run)
 def test_sigkill_in_stage_two_resumes_without_retraining_stage_one(straight, tmp_path):
     recipe = chain_recipe(tmp_path)
     run = tmp_path / "killed"

@@ -278,6 +278,7 @@ def _iteration(run):
         return 0
 
 
+@pytest.mark.slow  # a whole run (15-20 s quiet): CI runs every slow test after make test (.ci/run)
 def test_condense_resumes_exactly_after_sigkill_and_reuses_the_expert_buffer(tmp_path):
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(yaml.safe_dump(TINY))

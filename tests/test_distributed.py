@@ -132,7 +132,6 @@ def lm_store(tmp_path_factory) -> Path:
     return store
 
 
-@pytest.mark.slow  # ~25 s quiet: CI runs every slow test (.ci/run)
 def test_lm_world_size_invariance_with_a_store_and_fsdp(lm_store, tmp_path):
     recipe = _lm_recipe(tmp_path, lm_store)
     _distill(recipe, tmp_path / "one")
@@ -192,7 +191,6 @@ def _killed_run(recipe: Path, run: Path, nproc: int, kill_rank: int | None, stud
     assert not (run / "report.json").exists()
 
 
-@pytest.mark.slow  # two kills and resumes, ~35 s quiet: CI runs them
 @pytest.mark.parametrize("saved, resumed", [(2, 1), (1, 2)])
 def test_resume_at_another_world_size(cls_runs, tmp_path, saved, resumed):
     run = tmp_path / "run"

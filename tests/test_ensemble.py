@@ -255,6 +255,7 @@ def test_a_label_free_ensemble_is_combined_once_and_served_exactly(tmp_path):
     torch.testing.assert_close(served, live.targets(batch).logits, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow  # a whole run (15-20 s quiet): CI runs every slow test after make test (.ci/run)
 def test_a_tiny_ensemble_run_lists_its_members(tmp_path):
     from helpers import potstill
 

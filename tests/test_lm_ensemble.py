@@ -200,6 +200,7 @@ def ensemble_recipe(folder, **ensemble):
         eval={"generations": 1, "generation_tokens": 4, "max_val_sequences": 8})
 
 
+@pytest.mark.slow  # a whole run (15-20 s quiet): CI runs every slow test after make test (.ci/run)
 def test_a_tiny_lm_ensemble_run_reports_its_members(tmp_path):
     recipe = ensemble_recipe(tmp_path, weighting="agreement")
     result = potstill("distill", str(recipe), "--out", str(tmp_path / "run"), cwd=tmp_path)
@@ -238,6 +239,7 @@ def test_an_agreement_ensemble_cannot_be_stored(tmp_path):
     assert result.returncode == 2 and "agreement" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # a whole run (15-20 s quiet): CI runs every slow test after make test (.ci/run)
 def test_a_label_free_ensemble_is_stored_and_trains_from_its_store(tmp_path):
     recipe = ensemble_recipe(tmp_path, weighting="confidence")
     stored = potstill("store", str(recipe), "--out", str(tmp_path / "store"), "--format", "dense", cwd=tmp_path)

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -33,6 +34,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     assert result["resumed_from"] > 0  # it really continued from a checkpoint
 
 
+@pytest.mark.slow  # a whole run (15-20 s quiet): CI runs every slow test after make test (.ci/run)
 def test_finished_students_are_not_retrained(tmp_path):
     recipe = write_recipe(tmp_path, seeds=1)
     run = tmp_path / "run"

@@ -281,6 +281,7 @@ def test_self_kd_resumes_exactly(tmp_path):
 # ---------------------------------------------------------------- 5. end to end
 
 
+@pytest.mark.slow  # a whole run (15-20 s quiet): CI runs every slow test after make test (.ci/run)
 def test_distill_runs_self_kd_and_dml_end_to_end(tmp_path):
     students = {"baseline": {"method": "ce"}, "ema": {"method": "self_kd", "params": {"warmup_steps": 10}},
                 "dml": {"method": "dml"}, "ps_kd": {"method": "ps_kd"}}

@@ -99,6 +99,7 @@ def _manifest(folder: Path) -> dict:
 # ---------------------------------------------------------------- potstill cache: crash and resume
 
 
+@pytest.mark.slow  # a whole run (15-20 s quiet): CI runs every slow test after make test (.ci/run)
 def test_sigkill_then_rerun_computes_only_missing_shards_and_matches(lm_recipe, lm_store, tmp_path):
     out = tmp_path / "store"
     args = [sys.executable, "-m", "potstill", "store", str(lm_recipe), "--out", str(out), "--shard-size", str(SHARD)]

@@ -26,6 +26,7 @@ def same_weights(a, b, students=("baseline", "kd", "dkd", "rkd"), seeds=(0, 1)):
             assert all((wa[k] == wb[k]).all() for k in wa), (name, seed)
 
 
+@pytest.mark.slow  # a whole run (15-20 s quiet): CI runs every slow test after make test (.ci/run)
 def test_two_workers_give_the_numbers_and_weights_of_one(tmp_path):
     runs = {}
     for workers in (1, 2):
