@@ -20,7 +20,7 @@ from potstill.batches import Origin, TokenBatch, TokenView
 from potstill.config import Strict
 from potstill.core.errors import UserError
 from potstill.methods.seqkd import TeacherAnswers
-from potstill.methods.textkd import TEXT_NEED, TextSeqKD, gold, joined, keep, mean_ce
+from potstill.methods.textkd import TEXT_NEED, TextSeqKD, joined, keep, mean_ce
 
 
 class Rationale(TextSeqKD):
@@ -52,16 +52,14 @@ class Rationale(TextSeqKD):
     def components(self) -> dict:
         return {**super().components(), **({"teacher_working": self.working} if hasattr(self, "working") else {})}
 
+    def _keep(self, row: int, answer: list[int] | None, working: list[int] | None) -> None:
+        super()._keep(row, answer, working)
+        keep(self.working, row, working, self.eos)
+
     def _answered(self, batch: TokenBatch) -> TokenBatch:
         prompt_ids, prompt_mask = batch.student.prompts(self.config.prompt_tokens)
         index = batch.index.cpu()
-        missing = (self.answers.lengths[index] < 0).nonzero().squeeze(1).tolist()
-        if missing:
-            rows = [prompt_ids[r][prompt_mask[r].bool()].tolist() for r in missing]
-            for r, (answer, working) in zip(missing, self.teacher.written(rows, self.config.max_new_tokens)):
-                right = not self.config.verify or (answer is not None and answer + [self.eos] == gold(batch.student, r))
-                keep(self.answers, int(index[r]), answer if right else None, self.eos)
-                keep(self.working, int(index[r]), working if right else None, self.eos)
+        self._ask_missing(batch, prompt_ids, prompt_mask, index)
         answers = joined(prompt_ids, prompt_mask, self.answers.tokens[index], self.answers.lengths[index], self.pad_id)
         # the rationale task: the prompt, then the prefix, then the working (the prefix is not a target)
         prefix = self.prefix.to(prompt_ids.device).expand(len(index), -1)

@@ -95,15 +95,24 @@ class TextSeqKD(Method):
             self.setup(micro_batches[0])
         return [self._answered(batch) for batch in micro_batches]
 
+    def _ask_missing(self, batch: TokenBatch, prompt_ids: Tensor, prompt_mask: Tensor, index: Tensor) -> None:
+        """Ask the teacher for the rows of ``batch`` it has not answered yet, and keep each answer (or,
+        with ``verify``, its rejection) under the row's index."""
+        missing = (self.answers.lengths[index] < 0).nonzero().squeeze(1).tolist()
+        if not missing:
+            return
+        rows = [prompt_ids[r][prompt_mask[r].bool()].tolist() for r in missing]
+        for r, (answer, working) in zip(missing, self.teacher.written(rows, self.config.max_new_tokens)):
+            right = not self.config.verify or (answer is not None and answer + [self.eos] == gold(batch.student, r))
+            self._keep(int(index[r]), answer if right else None, working if right else None)
+
+    def _keep(self, row: int, answer: list[int] | None, working: list[int] | None) -> None:
+        keep(self.answers, row, answer, self.eos)
+
     def _answered(self, batch: TokenBatch) -> TokenBatch:
         prompt_ids, prompt_mask = batch.student.prompts(self.config.prompt_tokens)
         index = batch.index.cpu()
-        missing = (self.answers.lengths[index] < 0).nonzero().squeeze(1).tolist()
-        if missing:
-            rows = [prompt_ids[r][prompt_mask[r].bool()].tolist() for r in missing]
-            for r, (answer, _) in zip(missing, self.teacher.written(rows, self.config.max_new_tokens)):
-                right = not self.config.verify or (answer is not None and answer + [self.eos] == gold(batch.student, r))
-                keep(self.answers, int(index[r]), answer if right else None, self.eos)
+        self._ask_missing(batch, prompt_ids, prompt_mask, index)
         view = joined(prompt_ids, prompt_mask, self.answers.tokens[index], self.answers.lengths[index], self.pad_id)
         return TokenBatch(view, index=batch.index, origin=Origin.TEACHER, seed=batch.seed)
 
