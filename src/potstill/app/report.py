@@ -99,8 +99,8 @@ def metric_cell(metrics: dict, name: str) -> str:
 def summary_table(report: dict) -> Table:
     primary = report["primary_metric"]
     present = {m for entry in report["students"].values() for m in entry["metrics"]}
-    names = [primary] + [m for m in ("exact_match", "agreement", "span_agreement", "kl_to_teacher", "ece", "params",
-                                     "tokens_per_s")
+    names = [primary] + [m for m in ("exact_match", "agreement", "span_agreement", "kl_to_teacher", "answer_teacher_nll",
+                                     "answer_rouge_l", "ece", "params", "tokens_per_s")
                          if m != primary and m in present]
     table = Table(title=f"{report['recipe']}: test metrics, mean ± std over seeds {report['protocol']['seeds']}")
     table.add_column("model")
@@ -109,7 +109,7 @@ def summary_table(report: dict) -> Table:
 
     table.add_row("teacher" + (" (reused)" if report["teacher"].get("reused") else ""),
                   *[metric_cell(report["teacher"]["metrics"], n) for n in names])
-    if "untouched_student" in report:  # cross-tokenizer runs: where every student started
+    if "untouched_student" in report:  # where every student started (layer-pruned, cross-tokenizer)
         table.add_row("untouched student", *[metric_cell(report["untouched_student"]["metrics"], n) for n in names])
     for student, entry in report["students"].items():
         table.add_row(student, *[metric_cell(entry["metrics"], n) for n in names])

@@ -370,9 +370,12 @@ def render_html(run_dir: Path) -> Path:
         if "params" not in tm and _finite(teacher.get("params")):  # top-level count, no seeds
             tm["params"] = {"mean": teacher["params"], "std": 0.0, "values": [teacher["params"]]}
         models.append(("teacher", {**teacher, "metrics": tm}))
+    if isinstance(report.get("untouched_student"), dict):  # where every student started (layer-pruned, cross-tokenizer)
+        models.append(("untouched student", report["untouched_student"]))
     models += [(s, students[s]) for s in order]
     colors = {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(order)}
     colors["teacher"] = TEACHER_COLOR
+    colors["untouched student"] = "#aaaaaa"
     names = set()
     for _, m in models:
         names.update((m.get("metrics") or {}).keys())

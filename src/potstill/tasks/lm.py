@@ -39,6 +39,7 @@ from potstill.models.params import count_params
 from potstill.store.manifest import TeacherIdentity, check_setup
 from potstill.store.reader import StoreReader
 from potstill.store.source import StoreSource
+from potstill.tasks.lm_answers import answer_scores, check_answers_recipe, untouched_student
 from potstill.tasks.keep import freeze, keep_once, kept_dir, load_kept
 from potstill.tasks.lm_config import LMRecipe, LMTeacherConfig
 from potstill.tasks.lm_data import build_lm_data, documents
@@ -62,7 +63,8 @@ class LMTask(TaskBase):
     curve_metric = "val/perplexity"
     higher_is_better = {"perplexity": False, "kl_to_teacher": False, "agreement": True, "params": False,
                         "tokens_per_s": True, "peak_memory_mb": False, "teacher_perplexity": False,
-                        "exact_match": True}
+                        "exact_match": True, "answer_teacher_nll": False, "answer_rouge_l": True,
+                        "answer_perplexity": False}
     teacher_targets: str | None = None  # where the students' teacher targets came from, set by prepare_teacher
 
     #: (predicate, subclass) for recipes another class runs (a student with its own tokenizer:
@@ -82,6 +84,7 @@ class LMTask(TaskBase):
             raise UserError("teacher.model='tiny' cannot answer prompts; set data.chat_prompts=0")
         if recipe.teacher.url:
             check_served_recipe(recipe)
+        check_answers_recipe(recipe)
         self.store = StoreReader(recipe.teacher.store) if recipe.teacher.store else None
         if self.store is not None:
             check_setup(self.store.manifest, self.store.folder, task="lm")
@@ -123,6 +126,7 @@ class LMTask(TaskBase):
     def _use_data(self, data) -> None:
         self.train_set, self.val_set, self.test_set = data.train, data.val, data.test
         self.heldout_prompts, self.teacher_responses = data.heldout_prompts, data.teacher_responses
+        self.heldout_answers = data.heldout_answers
 
     def prepare_teacher(self, on_step_factory: OnStepFactory) -> None:
         if self.store is not None:
@@ -309,7 +313,8 @@ class LMTask(TaskBase):
                     "store": self.store.report_entry()}
         metrics = evaluate_lm(self.teacher_model, None, self._test_batches())
         values = {"perplexity": metrics["perplexity"], "params": sum(map(count_params, self.teacher_models)),
-                  **self._verified(self.teacher_model if len(self.teacher_models) == 1 else None)}
+                  **self._verified(self.teacher_model if len(self.teacher_models) == 1 else None),
+                  **answer_scores(self, self.teacher_model)}
         self.teacher_generations = greedy_generate(self.teacher_model, self.tokenizer, self.heldout_prompts[:ev.generations],
                                                    ev.generation_tokens) if ev.generations else []
         entry = {"description": self.teacher.description, "reused": self.reused, "params": values["params"]}
@@ -444,7 +449,7 @@ class LMTask(TaskBase):
         metrics = {"perplexity": held_out["perplexity"], **self._verified(student),
                    **{k: held_out[k] for k in ("kl_to_teacher", "agreement") if k in held_out},
                    "params": count_params(student), "tokens_per_s": tokens / elapsed if elapsed > 0 and tokens else 0.0,
-                   "peak_memory_mb": peak_mb}
+                   "peak_memory_mb": peak_mb, **answer_scores(self, student)}
         out = {"metrics": metrics, "best_step": result.best_step, "best_val": result.best_value,
                "resumed_from": result.resumed_from, "artifact": "model", "parallel": result.parallel,
                "train_seconds": round(result.seconds, 3)}
@@ -454,13 +459,14 @@ class LMTask(TaskBase):
         return out
 
     def report_extras(self, results: dict[str, list[dict]]) -> dict:
-        rows = []
+        rows, untouched = [], untouched_student(self) if self.recipe.eval.answers else None
         for i, prompt in enumerate(self.heldout_prompts[:self.recipe.eval.generations]):
             students = {name: next((r["generations"][i] for r in per_seed if "generations" in r), "")
                         for name, per_seed in results.items()}
+            students.update({"untouched student": untouched["generations"][i]} if untouched else {})
             rows.append({"prompt": prompt, "teacher": self.teacher_generations[i] if i < len(self.teacher_generations) else "",
                          "students": students})
-        return {"generations": rows} if rows else {}
+        return {**({"untouched_student": untouched} if untouched else {}), **({"generations": rows} if rows else {})}
 
     def protocol(self) -> dict:
         r, sel = self.recipe, self.selection()

@@ -103,6 +103,11 @@ class LMEvalConfig(Strict):
     generation_tokens: int = Field(40, gt=0, description="Max new tokens per generation.")
     batch_size: int = Field(8, gt=0, description="Sequences per evaluation batch.")
     max_val_sequences: int | None = Field(64, description="Validation sequences used for checkpoint selection (null: all).")
+    answers: bool = Field(False, description="Score greedy answers to the held-out prompts (answer_teacher_nll: the "
+                          "teacher's NLL per token of the answer; answer_rouge_l against the teacher's answer; "
+                          "answer_perplexity of the teacher's answers; docs/onpolicy.md) for the teacher, every student "
+                          "and the untouched student (its initial weights, not trained). Needs a teacher model, chat "
+                          "prompts and rouge-score (the [models] extra).")
 
 
 

@@ -8,7 +8,7 @@ are split the same way, one prompt per document."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from potstill.core.errors import UserError
@@ -25,6 +25,7 @@ class LMData:
     test: TokenSplit
     heldout_prompts: list[str]  # the test split's prompts (generations in the report)
     teacher_responses: list[str]  # the teacher's answers to every prompt used
+    heldout_answers: TokenSplit | None = field(default=None)  # the test split's prompt rows alone (eval.answers)
 
 
 def documents(cfg: LMDataConfig) -> list[str]:
@@ -84,4 +85,5 @@ def build_lm_data(cfg: LMDataConfig, tokenizer: Any,
     return LMData(TokenSplit.stack(text_train + [e for _, e in chat_train]),
                   TokenSplit.stack(text_val + [e for _, e in chat_val]),
                   TokenSplit.stack(text_test + [e for _, e in chat_test]),
-                  heldout_prompts=[p for p, _ in chat_test], teacher_responses=list(responses))
+                  heldout_prompts=[p for p, _ in chat_test], teacher_responses=list(responses),
+                  heldout_answers=TokenSplit.stack([e for _, e in chat_test]) if chat_test else None)
