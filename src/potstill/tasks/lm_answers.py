@@ -7,7 +7,7 @@ judged by how far each method moves it from there, so the report carries that ro
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
@@ -16,13 +16,10 @@ from potstill.eval.lm_answers import answer_metrics, rouge_l_scorer
 from potstill.eval.lm_metrics import evaluate_lm, greedy_generate
 from potstill.models.hf import stop_token_ids
 from potstill.models.params import count_params
-
-if TYPE_CHECKING:
-    from potstill.tasks.lm import LMTask
-    from potstill.tasks.lm_config import LMRecipe
+from potstill.tasks.lm_config import LMRecipe
 
 
-def check_answers_recipe(recipe: "LMRecipe") -> None:
+def check_answers_recipe(recipe: LMRecipe) -> None:
     """eval.answers needs held-out prompts and one teacher model that scores new text; fail before any work."""
     if not recipe.eval.answers:
         return
@@ -38,7 +35,7 @@ def check_answers_recipe(recipe: "LMRecipe") -> None:
     rouge_l_scorer()  # the package is there before the teacher is loaded
 
 
-def answer_scores(task: "LMTask", model: torch.nn.Module) -> dict[str, float]:
+def answer_scores(task: Any, model: torch.nn.Module) -> dict[str, float]:
     """``model``'s answer metrics (empty without eval.answers); the answers are kept on the task by name."""
     rows = getattr(task, "heldout_answers", None)
     if not task.recipe.eval.answers or rows is None:
@@ -52,7 +49,7 @@ def answer_scores(task: "LMTask", model: torch.nn.Module) -> dict[str, float]:
     return metrics
 
 
-def untouched_student(task: "LMTask") -> dict:
+def untouched_student(task: Any) -> dict:
     """The students' initial weights evaluated as they are: held-out token metrics and answer metrics."""
     student = task._new_student(task.recipe.seed).eval()
     held_out = evaluate_lm(student, batches=task._test_batches(), **task._eval_teacher())
