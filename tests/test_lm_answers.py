@@ -6,9 +6,12 @@ checks that refuse settings the metrics cannot be computed for."""
 from __future__ import annotations
 
 import functools
+import json
 
 import pytest
 import torch
+import yaml
+from helpers import potstill
 
 pytest.importorskip("rouge_score")
 
@@ -25,14 +28,6 @@ from potstill.tasks.lm_config import LMRecipe  # noqa: E402
 PROMPTS = ["What is a list?", "Explain the with statement.", "How do I open a file?", "Name a loop."]
 REFERENCES = ["A list is a sequence of values.", "It manages a context.", "Call open with a path.", "for"]
 NEW_TOKENS = 6
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @functools.lru_cache(maxsize=1)
@@ -136,3 +131,33 @@ def test_settings_the_answers_cannot_be_scored_for_are_refused(changes, why):
     with pytest.raises(UserError, match=why):
         check_answers_recipe(recipe)
     check_answers_recipe(recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"answers": False})}))
+
+
+@pytest.mark.models
+def test_a_run_with_answers_reports_them_for_every_model(tmp_path):
+    # the wiring through the LM task, on the real teacher (a tiny teacher answers no prompts): the
+    # teacher's answers are its own references (ROUGE-L ~1), the untouched student is a row and a
+    # column of the generations, and the generations are the scored answers
+    pytest.importorskip("gguf")
+    recipe = {"name": "answers-check", "task": "lm", "seeds": 1, "threads": 2,
+              "teacher": {"model": "smollm2-135m-instruct", "precompute": False},
+              "student": {"num_layers": 2, "init": "teacher_layers"},
+              "data": {"seq_len": 96, "max_sequences": 8, "chat_prompts": 30, "response_tokens": 8,
+                       "test_fraction": 0.2},
+              "train": {"steps": 1, "batch_size": 2, "eval_every": 1, "checkpoint_every": 1, "log_every": 1},
+              "students": {"baseline": {"method": "lm_ce"}},
+              "eval": {"answers": True, "generations": 2, "max_val_sequences": 4}}
+    path = tmp_path / "answers.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    done = potstill("distill", str(path), "--out", str(tmp_path / "run"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    keys = {"answer_teacher_nll", "answer_rouge_l", "answer_perplexity", "answer_tokens"}
+    for entry in (report["teacher"], report["untouched_student"], report["students"]["baseline"]):
+        assert keys <= set(entry["metrics"])
+    assert report["teacher"]["metrics"]["answer_rouge_l"]["mean"] > 0.95
+    untouched = report["untouched_student"]
+    assert untouched["metrics"]["answer_teacher_nll"]["mean"] > report["teacher"]["metrics"]["answer_teacher_nll"]["mean"]
+    rows = report["generations"]
+    assert len(rows) == 2 and all(set(r["students"]) == {"baseline", "untouched student"} for r in rows)
+    assert [r["students"]["untouched student"] for r in rows] == untouched["generations"]

@@ -28,7 +28,7 @@ from potstill.core.paths import cache_dir
 from potstill.data.text import generate_responses, train_tiny_tokenizer
 from potstill.data.text.addition import char_tokenizer
 from potstill.data.tokens import TokenBatches
-from potstill.eval.lm_metrics import evaluate_lm, exact_match, greedy_generate
+from potstill.eval.lm_metrics import evaluate_lm, exact_match
 from potstill.eval.metrics import PeakMemory
 from potstill.losses.ensemble import mix
 from potstill.methods import METHODS, method_class, method_config
@@ -39,7 +39,7 @@ from potstill.models.params import count_params
 from potstill.store.manifest import TeacherIdentity, check_setup
 from potstill.store.reader import StoreReader
 from potstill.store.source import StoreSource
-from potstill.tasks.lm_answers import answer_scores, check_answers_recipe, untouched_student
+from potstill.tasks.lm_answers import answer_scores, check_answers_recipe, report_generations, untouched_student
 from potstill.tasks.keep import freeze, keep_once, kept_dir, load_kept
 from potstill.tasks.lm_config import LMRecipe, LMTeacherConfig
 from potstill.tasks.lm_data import build_lm_data, documents
@@ -312,11 +312,10 @@ class LMTask(TaskBase):
             return {**entry, "description": self.teacher.description, "reused": False,
                     "store": self.store.report_entry()}
         metrics = evaluate_lm(self.teacher_model, None, self._test_batches())
+        scores, answers = answer_scores(self, self.teacher_model)
         values = {"perplexity": metrics["perplexity"], "params": sum(map(count_params, self.teacher_models)),
-                  **self._verified(self.teacher_model if len(self.teacher_models) == 1 else None),
-                  **answer_scores(self, self.teacher_model)}
-        self.teacher_generations = greedy_generate(self.teacher_model, self.tokenizer, self.heldout_prompts[:ev.generations],
-                                                   ev.generation_tokens) if ev.generations else []
+                  **self._verified(self.teacher_model if len(self.teacher_models) == 1 else None), **scores}
+        self.teacher_generations = report_generations(self, self.teacher_model, answers)
         entry = {"description": self.teacher.description, "reused": self.reused, "params": values["params"]}
         if len(self.teacher_models) > 1:  # the ensemble's numbers; each member's beside them
             mixed = evaluate_lm(self.teacher_model, self.teacher_models, self._test_batches(), mixture=self.mixture)
@@ -445,17 +444,16 @@ class LMTask(TaskBase):
                                                                  on_step, self.tokenizer)
         ev = recipe.eval
         held_out = evaluate_lm(student, batches=self._test_batches(), **self._eval_teacher())
-        tokens = result.trained_items
+        tokens, (scores, answers) = result.trained_items, answer_scores(self, student)
         metrics = {"perplexity": held_out["perplexity"], **self._verified(student),
                    **{k: held_out[k] for k in ("kl_to_teacher", "agreement") if k in held_out},
                    "params": count_params(student), "tokens_per_s": tokens / elapsed if elapsed > 0 and tokens else 0.0,
-                   "peak_memory_mb": peak_mb, **answer_scores(self, student)}
+                   "peak_memory_mb": peak_mb, **scores}
         out = {"metrics": metrics, "best_step": result.best_step, "best_val": result.best_value,
                "resumed_from": result.resumed_from, "artifact": "model", "parallel": result.parallel,
                "train_seconds": round(result.seconds, 3)}
         if seed == recipe.seed and ev.generations:
-            out["generations"] = greedy_generate(student, self.tokenizer, self.heldout_prompts[:ev.generations],
-                                                 ev.generation_tokens)
+            out["generations"] = report_generations(self, student, answers)
         return out
 
     def report_extras(self, results: dict[str, list[dict]]) -> dict:

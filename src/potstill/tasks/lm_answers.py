@@ -35,28 +35,40 @@ def check_answers_recipe(recipe: LMRecipe) -> None:
     rouge_l_scorer()  # the package is there before the teacher is loaded
 
 
-def answer_scores(task: Any, model: torch.nn.Module) -> dict[str, float]:
-    """``model``'s answer metrics (empty without eval.answers); the answers are kept on the task by name."""
-    rows = getattr(task, "heldout_answers", None)
-    if not task.recipe.eval.answers or rows is None:
-        return {}
+def answer_scores(task: Any, model: torch.nn.Module) -> tuple[dict[str, float], list[str]]:
+    """``model``'s answer metrics and its answers, in held-out prompt order (both empty without eval.answers)."""
+    if not task.recipe.eval.answers:
+        return {}, []
+    rows = task.heldout_answers
+    if rows is None:
+        raise UserError(f"eval.answers: the test split holds no prompts (data.chat_prompts={task.recipe.data.chat_prompts} "
+                        f"x data.test_fraction={task.recipe.data.test_fraction}); raise either or set eval.answers=false")
     pad = task.tokenizer.pad_token_id
-    metrics, _ = answer_metrics(model, task.teacher_model, task.tokenizer, rows,
-                                max_new_tokens=task.recipe.data.response_tokens,
-                                stop_ids=stop_token_ids(model, task.tokenizer),
-                                pad_id=int(pad if pad is not None else task.tokenizer.eos_token_id),
-                                batch_size=task.recipe.eval.batch_size)
-    return metrics
+    return answer_metrics(model, task.teacher_model, task.tokenizer, rows,
+                          max_new_tokens=task.recipe.data.response_tokens,
+                          stop_ids=stop_token_ids(model, task.tokenizer),
+                          pad_id=int(pad if pad is not None else task.tokenizer.eos_token_id),
+                          batch_size=task.recipe.eval.batch_size)
+
+
+def report_generations(task: Any, model: torch.nn.Module, answers: list[str]) -> list[str]:
+    """The report's side-by-side generations: the scored answers where eval.answers made them (no second
+    decoding of the same prompts), else greedy generations of eval.generation_tokens."""
+    ev = task.recipe.eval
+    if answers:
+        return answers[:ev.generations]
+    return greedy_generate(model, task.tokenizer, task.heldout_prompts[:ev.generations],
+                           ev.generation_tokens) if ev.generations else []
 
 
 def untouched_student(task: Any) -> dict:
     """The students' initial weights evaluated as they are: held-out token metrics and answer metrics."""
     student = task._new_student(task.recipe.seed).eval()
     held_out = evaluate_lm(student, batches=task._test_batches(), **task._eval_teacher())
+    scores, answers = answer_scores(task, student)
     values = {"perplexity": held_out["perplexity"], "kl_to_teacher": held_out["kl_to_teacher"],
-              "agreement": held_out["agreement"], **answer_scores(task, student), "params": count_params(student)}
-    s, ev = task.recipe.student, task.recipe.eval
-    generations = greedy_generate(student, task.tokenizer, task.heldout_prompts[:ev.generations], ev.generation_tokens)
+              "agreement": held_out["agreement"], **scores, "params": count_params(student)}
+    s = task.recipe.student
     return {"description": f"{s.num_layers}-layer student, init={s.init}, not trained",
             "metrics": {k: {"mean": v, "std": 0.0, "values": [v]} for k, v in values.items()},
-            "generations": generations}
+            "generations": report_generations(task, student, answers)}

@@ -106,7 +106,8 @@ class LMEvalConfig(Strict):
     answers: bool = Field(False, description="Score greedy answers to the held-out prompts (answer_teacher_nll: the "
                           "teacher's NLL per token of the answer; answer_rouge_l against the teacher's answer; "
                           "answer_perplexity of the teacher's answers; docs/onpolicy.md) for the teacher, every student "
-                          "and the untouched student (its initial weights, not trained). Needs a teacher model, chat "
+                          "and the untouched student (its initial weights, not trained); the report's generations are then "
+                          "these answers (data.response_tokens long, not generation_tokens). Needs a teacher model, chat "
                           "prompts and rouge-score (the [models] extra).")
 
 

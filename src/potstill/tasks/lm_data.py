@@ -8,7 +8,7 @@ are split the same way, one prompt per document."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from potstill.core.errors import UserError
@@ -25,7 +25,7 @@ class LMData:
     test: TokenSplit
     heldout_prompts: list[str]  # the test split's prompts (generations in the report)
     teacher_responses: list[str]  # the teacher's answers to every prompt used
-    heldout_answers: TokenSplit | None = field(default=None)  # the test split's prompt rows alone (eval.answers)
+    heldout_answers: TokenSplit | None = None  # the test split's prompt rows alone (eval.answers)
 
 
 def documents(cfg: LMDataConfig) -> list[str]:
