@@ -13,6 +13,7 @@ from potstill.store.manifest import TeacherIdentity, bytes_per_token, check_setu
 from potstill.store.reader import StoreReader
 from potstill.store.source import StoreSource
 from potstill.batches import ClassBatch, Origin, TokenBatch, TokenView
+from potstill.teachers.base import Capability
 from potstill.teachers.store import StoreTeacher
 from potstill.store.writer import build_store, check_existing, encode_targets
 from potstill.targets import sample, stratified_draws, topk
@@ -305,3 +306,50 @@ def test_manifest_without_exact_is_a_plain_sampled_store(tmp_path):
     torch.testing.assert_close(out.weights, ref.weights, rtol=0, atol=1e-6)
     # finishing or rerunning it with the old settings agrees with it (exact 0 = the missing field)
     assert build(tmp_path, source, "sampled", k=20, exact=0, shard_size=4)[1] == 0
+
+
+def hidden_source(n=7, seq=5, width=6, vocab=300, bias=True):
+    """A fake LM source with final hidden states and a head: its logits are ``hidden @ W.T + b``."""
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(n, seq, width, generator=g)
+    head = {"weight": torch.randn(vocab, width, generator=g), **({"bias": torch.randn(vocab, generator=g)} if bias else {})}
+    source, _, _, _ = fake_source(vocab, n=n, seq=seq)
+    return dataclasses.replace(source, hidden_states=lambda a, b: hidden[a:b], head=lambda: dict(head),
+                               hidden_size=width), hidden, head
+
+
+def test_hidden_round_trip_gives_the_teachers_logits_at_any_temperature(tmp_path):
+    source, hidden, head = hidden_source()
+    manifest, _ = build(tmp_path, source, "hidden", shard_size=3)
+    assert manifest.bytes_per_token == 2 * 6 and manifest.k is None and manifest.ids_dtype is None
+    assert manifest.head is not None and manifest.hidden_size == 6
+    teacher = StoreTeacher(StoreReader(tmp_path))
+    out = teacher.targets(_rows(torch.tensor([5, 0, 3])))  # across shards, in the batch's order
+    torch.testing.assert_close(out.hidden, hidden[[5, 0, 3]].half().float(), rtol=0, atol=0)
+    assert torch.equal(out.head, head["weight"]) and torch.equal(out.head_bias, head["bias"])
+    exact = hidden[[5, 0, 3]] @ head["weight"].T + head["bias"]
+    for t in (0.5, 1.0, 3.0):  # one store, any loss temperature: the logits are the head of the states
+        got = torch.softmax((out.hidden @ out.head.T + out.head_bias) / t, -1)
+        torch.testing.assert_close(got, torch.softmax(exact / t, -1), rtol=0, atol=5e-3)
+    assert teacher.capabilities == {Capability.HIDDEN_HEAD}
+
+
+def test_hidden_store_refusals_and_a_corrupt_head(tmp_path):
+    source, _, _ = hidden_source(bias=False)
+    with pytest.raises(UserError, match="--k applies"):
+        build(tmp_path / "k", source, "hidden", k=5)
+    with pytest.raises(UserError, match="any temperature"):
+        build(tmp_path / "t", source, "hidden", temperature=2.0)
+    with pytest.raises(UserError, match="one local teacher model"):
+        build(tmp_path / "n", dataclasses.replace(source, hidden_states=None), "hidden")
+    build(tmp_path / "s", source, "hidden")
+    head = tmp_path / "s" / "head.safetensors"
+    data = bytearray(head.read_bytes())
+    data[-2] ^= 0xFF
+    head.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="head.safetensors is corrupt"):
+        StoreReader(tmp_path / "s").verify()
+    warnings = []
+    build(tmp_path / "s", source, "hidden", warnings=warnings)  # a rerun rewrites the head, keeps the shards
+    assert any("head.safetensors is corrupt" in w for w in warnings)
+    StoreReader(tmp_path / "s").verify()

@@ -189,6 +189,38 @@ def test_store_task_keeps_no_teacher_model(lm_recipe, lm_store):
     assert student.config.num_hidden_layers == 1
 
 
+def test_a_hidden_store_serves_every_divergence_as_the_live_teacher(lm_recipe, tmp_path, tmp_path_factory):
+    """Same tokenizer, --format hidden: the stored states are the live teacher's (fp16), the chunked loss
+    gets them with the head, and reverse KL (refused from a sampled store) trains from it."""
+    from potstill.models.hf import lm_hidden_and_head
+
+    folder = tmp_path / "hidden"
+    with session_cache(tmp_path_factory):
+        source = store_source(load_recipe(str(lm_recipe)))
+        manifest, _ = build_store(source, folder, fmt="hidden", k=None, temperature=1.0, seed=0, shard_size=SHARD)
+        live = LMTask(load_recipe(str(lm_recipe)))
+        live.prepare_teacher(_silent)
+        task = LMTask(load_recipe(str(lm_recipe), [f"teacher.store={folder}"]))
+        task.prepare_teacher(_silent)
+    assert manifest.bytes_per_token == 2 * manifest.hidden_size
+    index = torch.tensor([7, 2])
+    batch = TokenBatch(task.train_set.view(index), index=index)
+    stored = task.teacher.targets(batch)
+    view = live.train_set.view(index)
+    with torch.no_grad():
+        hidden, weight, _ = lm_hidden_and_head(live.teacher_model, view.input_ids, view.attention_mask)
+    torch.testing.assert_close(stored.hidden, hidden.half().float(), rtol=0, atol=0)
+    assert torch.equal(stored.head, weight)
+    run = tmp_path / "run"
+    with session_cache(tmp_path_factory):
+        result = potstill("distill", str(lm_recipe), "--out", str(run), "--set", f"teacher.store={folder}",
+                          "--set", "students={reverse_kl: {method: lm_kd, params: {divergence: reverse_kl}}}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((run / "report.json").read_text())
+    assert report["teacher"]["store"]["format"] == "hidden" and "skipped_students" not in report
+    assert math.isfinite(report["students"]["reverse_kl"]["metrics"]["kl_to_teacher"]["mean"])
+
+
 def test_lm_refusals_name_what_differs(lm_recipe, lm_store, tmp_path):
     # temperature (sampled targets are fixed at theirs): refused through the CLI, exit 2, one line
     line = one_error_line(potstill("distill", str(lm_recipe), "--out", str(tmp_path / "r1"), "--set",

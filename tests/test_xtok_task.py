@@ -223,3 +223,69 @@ def test_the_smoke_recipe_runs_with_the_real_pair(tmp_path):
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["teacher"]["metrics"]["bits_per_byte"]["mean"] < report["untouched_student"]["metrics"]["bits_per_byte"]["mean"]
     assert set(report["students"]) == {"baseline", "uld", "hybrid", "hybrid_onpolicy"}
+
+
+def one_line_refusal(done, *needles):
+    lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1 and all(n in lines[0] for n in needles), done.stderr[-1500:]
+
+
+def test_a_student_trains_from_a_hidden_state_store_as_from_the_live_teacher(folders, tmp_path):
+    """`potstill store` of a cross-tokenizer recipe (default --format hidden: the teacher's final states over
+    its own tokens, its head, held-out top-1 ids) serves the cross-tokenizer losses with no teacher model: the
+    students' losses equal the live-teacher run's up to the fp16 rounding of the states, the teacher's numbers
+    are the live ones, and the untouched student's span agreement (teacher tops read from the stored argmax)
+    is the live run's exactly."""
+    from potstill.store.manifest import load_manifest
+
+    student, teacher = folders
+    students = {"uld": {"method": "uld"}, "hybrid": {"method": "hybrid", "params": {"ce_weight": 1.0}}}
+    train = {"steps": 2, "batch_size": 4, "lr": 0.003, "warmup_steps": 1, "eval_every": 2, "checkpoint_every": 2,
+             "log_every": 1}
+    config = str(recipe(tmp_path, student, teacher, students=students, train=train))
+    with session_cache():
+        stored = potstill("store", config, "--out", str(tmp_path / "store"))
+        assert stored.returncode == 0, stored.stderr[-2000:]
+        live = potstill("distill", config, "--out", str(tmp_path / "live"))
+        assert live.returncode == 0, live.stderr[-2000:]
+        offline = potstill("distill", config, "--set", f"teacher.store={tmp_path / 'store'}", "--out",
+                           str(tmp_path / "offline"))
+        assert offline.returncode == 0, offline.stderr[-2000:]
+    manifest = load_manifest(tmp_path / "store")
+    assert manifest.format == "hidden" and manifest.hidden_size == 32 and manifest.bytes_per_token == 64
+    assert manifest.student_tokenizer_sha256 and manifest.student_tokenizer_sha256 != manifest.tokenizer_sha256
+    assert manifest.head is not None and manifest.held_out is not None
+    reports = {name: json.loads((tmp_path / name / "report.json").read_text()) for name in ("live", "offline")}
+    assert "store" in reports["offline"]["teacher"] and "store" not in reports["live"]["teacher"]
+    for key in ("bits_per_byte", "perplexity"):
+        assert reports["offline"]["teacher"]["metrics"][key] == reports["live"]["teacher"]["metrics"][key]
+    assert (reports["offline"]["untouched_student"]["metrics"]["span_agreement"]
+            == reports["live"]["untouched_student"]["metrics"]["span_agreement"])
+    for name in students:
+        # the first step's loss (same initial weights, targets fp16-rounded) to 1e-4; later ones looser, as
+        # Adam's normalised steps amplify the rounding in parameters whose gradients are near 0 (which is
+        # also why the weights themselves are not compared)
+        logs = [[json.loads(line) for line in (tmp_path / run / "students" / name / "seed_0" / "metrics.jsonl")
+                 .read_text().splitlines()] for run in ("live", "offline")]
+        losses = [[row["train/loss"] for row in log if "train/loss" in row] for log in logs]
+        assert len(losses[0]) == len(losses[1]) == 2, losses
+        assert losses[1][0] == pytest.approx(losses[0][0], rel=1e-4), (name, losses)
+        assert losses[1][1] == pytest.approx(losses[0][1], rel=2e-3), (name, losses)
+        live_bpb = reports["live"]["students"][name]["metrics"]["bits_per_byte"]["mean"]
+        assert reports["offline"]["students"][name]["metrics"]["bits_per_byte"]["mean"] == pytest.approx(live_bpb,
+                                                                                                          rel=1e-3)
+    # the store stands in for the teacher only where it can: an on-policy student needs new sequences scored
+    onpolicy = recipe(tmp_path, student, teacher, teacher={"model": teacher, "store": str(tmp_path / "store")})
+    with session_cache():
+        done = potstill("distill", str(onpolicy), "--out", str(tmp_path / "refused"))
+    one_line_refusal(done, "onpolicy")
+    assert not (tmp_path / "refused" / "students").exists()
+
+
+def test_cross_tokenizer_store_settings_are_refused_in_one_line(folders, tmp_path):
+    student, teacher = folders
+    config = str(recipe(tmp_path, student, teacher))
+    with session_cache():
+        one_line_refusal(potstill("store", config, "--out", str(tmp_path / "a"), "--format", "topk"), "--format hidden")
+        one_line_refusal(potstill("store", config, "--out", str(tmp_path / "b"), "--temperature", "2"), "any temperature")
+    assert not (tmp_path / "a" / "manifest.json").exists() and not (tmp_path / "b" / "manifest.json").exists()

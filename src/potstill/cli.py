@@ -80,8 +80,9 @@ def check_split(recipe, nproc: int) -> None:
 def store(
     recipe: str = typer.Argument(..., help="Built-in recipe name or a YAML config whose teacher and data to store."),
     out: Path = typer.Option(..., "--out", help="Store directory (a rerun with the same settings finishes it)."),
-    format_: Optional[str] = typer.Option(None, "--format", help="dense | topk | sampled (default: sampled for "
-                                          "language models, dense for classification)."),
+    format_: Optional[str] = typer.Option(None, "--format", help="dense | topk | sampled | hidden (default: "
+                                          "sampled for language models, hidden for a cross-tokenizer run, dense for "
+                                          "classification)."),
     k: Optional[int] = typer.Option(None, "--k", help="sampled: tail draws per position (max 255; default: the "
                                     "most that fit 64 bytes/token beside --exact, 12 for exact 6, 20 for exact 0); "
                                     "topk: kept ids (default 15)."),
@@ -115,7 +116,8 @@ def store(
 
     loaded = load_recipe(recipe, list(set_))
     served = getattr(getattr(loaded, "teacher", None), "url", None)
-    fmt = format_ or ("topk" if served else "sampled" if loaded.task == "lm" else "dense")
+    cross_tokenizer = loaded.task == "lm" and bool(getattr(getattr(loaded, "student", None), "model", None))
+    fmt = format_ or ("topk" if served else "hidden" if cross_tokenizer else "sampled" if loaded.task == "lm" else "dense")
     eval_targets = eval_targets or ("none" if served else "dense")
     if served and (fmt != "topk" or eval_targets != "none"):
         fail(f"teacher.url: a server gives only top-k log-probs, so its store is --format topk --eval-targets none "
@@ -129,6 +131,11 @@ def store(
         fail(f"--eval-targets must be dense or none (got '{eval_targets}')")
     if loaded.task == "classification" and temperature is not None:
         fail("--temperature: a classification store keeps the teacher's raw logits, which serve any KD temperature")
+    if cross_tokenizer and fmt != "hidden":
+        fail(f"--format {fmt}: the cross-tokenizer losses compare whole next-token distributions at aligned spans, "
+             "which the teacher's hidden states and head give exactly; store this run with --format hidden (its default)")
+    if fmt == "hidden" and temperature is not None:
+        fail("--temperature: a hidden-state store serves any temperature (the loss applies it); drop --temperature")
     temperature = 1.0 if temperature is None else temperature
     check_settings(loaded.task, fmt, k, temperature, shard_size, exact=exact)
     check_existing(out, task=loaded.task, fmt=fmt, k=k, temperature=temperature, seed=seed, shard_size=shard_size,
@@ -159,7 +166,8 @@ def store(
     unit = "example" if manifest.task == "classification" else "token"
     k_text = (f", exact={manifest.exact}" if manifest.exact else "") + (f", k={manifest.k}" if manifest.k is not None
                                                                          else "")
-    shown.print(f"teacher store {out}: {manifest.format}{k_text}, T={manifest.temperature:g}, "
+    t_text = f"H={manifest.hidden_size}, any T" if manifest.format == "hidden" else f"T={manifest.temperature:g}"
+    shown.print(f"teacher store {out}: {manifest.format}{k_text}, {t_text}, "
                 f"{manifest.bytes_per_token} bytes/{unit}, {_size(size)} of training targets; "
                 f"{computed} of {total} shards computed now, {total - computed} already there", highlight=False)
     sets = "".join(f" --set {item}" for item in set_)

@@ -19,8 +19,8 @@ from potstill.core.errors import UserError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-Format = Literal["dense", "topk", "sampled"]
-FORMATS = ("dense", "topk", "sampled")
+Format = Literal["dense", "topk", "sampled", "hidden"]
+FORMATS = ("dense", "topk", "sampled", "hidden")
 DEFAULT_EXACT = 6  # sampled: exact head ids by default (see docs/store.md for the choice of (6, 12))
 DEFAULT_K = {"sampled": 12, "topk": 15}  # sampled: the draws that fit 64 bytes/token beside DEFAULT_EXACT
 BUDGET = 64  # bytes/token (2-byte ids) that a default sampled store fits in
@@ -60,13 +60,15 @@ class Manifest(_Model):
     task: Literal["lm", "classification"]
     recipe: str
     format: Format
-    k: int | None  # sampled: tail draws per position; topk: kept ids; dense: None
+    k: int | None  # sampled: tail draws per position; topk: kept ids; dense, hidden: None
     exact: int = 0  # sampled: exact head ids per position (0: plain sampling; missing in older manifests)
     temperature: float  # LM: targets are softmax(z / temperature); classification: raw logits (1.0)
     seed: int
     dtype: str  # stored values (log-probs, logits)
     ids_dtype: str | None  # int16 holds ids as a bit pattern for V <= 65,536
     vocab_size: int
+    hidden_size: int | None = None  # hidden: the width of the stored final hidden states
+    head: ShardInfo | None = None  # hidden: the teacher's LM head (weight, optional bias), one file
     seq_len: int | None
     num_examples: int
     shard_size: int
@@ -93,7 +95,7 @@ class Manifest(_Model):
 
 # settings that identify a store: a rerun into the same directory must agree on all of them
 SETTINGS = ("format_version", "task", "format", "k", "exact", "temperature", "seed", "dtype", "ids_dtype",
-            "vocab_size", "seq_len", "num_examples", "shard_size", "teacher.weights_sha256", "tokenizer_sha256",
+            "vocab_size", "hidden_size", "seq_len", "num_examples", "shard_size", "teacher.weights_sha256", "tokenizer_sha256",
             "student_tokenizer_sha256", "dataset_fingerprint", "held_out.num_examples", "held_out.dataset_fingerprint", "teacher_responses")
 
 
@@ -112,11 +114,14 @@ def default_k(fmt: str, exact: int = 0) -> int:
     return k
 
 
-def bytes_per_token(task: str, fmt: str, k: int | None, vocab_size: int, exact: int = 0) -> int:
+def bytes_per_token(task: str, fmt: str, k: int | None, vocab_size: int, exact: int = 0,
+                    hidden_size: int | None = None) -> int:
     """Stored bytes per position (LM) or per example (classification: fp32 logits)."""
     id_bytes = 2 if vocab_size <= 65536 else 4
     if task == "classification":
         return 4 * vocab_size
+    if fmt == "hidden":
+        return 2 * hidden_size  # fp16 final hidden states (the head is stored once, not per token)
     if fmt == "dense":
         return 2 * vocab_size  # fp16 log-probs
     if fmt == "topk":

@@ -46,6 +46,7 @@ class StoreReader:
         if self._verified:
             return
         shards = list(self.manifest.shards) + (list(self.manifest.held_out.shards) if self.manifest.held_out else [])
+        shards += [self.manifest.head] if self.manifest.head is not None else []
         for shard in shards:
             path = self.folder / shard.file
             if not path.exists():
@@ -79,6 +80,13 @@ class StoreReader:
                 parts.setdefault(name, []).append(handle.get_slice(name)[local:local + 1])
         return {name: torch.cat(values) for name, values in parts.items()}
 
+    def head(self) -> dict[str, Tensor]:
+        """A hidden-state store's teacher LM head: ``weight`` [V, H] (and ``bias`` [V] when it has one), fp32."""
+        if self.manifest.head is None:
+            raise ValueError(f"a {self.manifest.format} store keeps no LM head (only --format hidden does)")
+        handle = self._open(self.manifest.head)
+        return {name: handle.get_tensor(name) for name in handle.keys()}
+
     def heldout(self, start: int, stop: int, name: str | None = None) -> Tensor:
         """Held-out targets of test examples [start, stop). LM: ``name="log_probs"`` (default), fp16
         ``[rows, V]`` of the rows that predict a label (row-major over sequences and positions), or
@@ -102,6 +110,8 @@ class StoreReader:
 
     def describe(self) -> str:
         m = self.manifest
+        if m.format == "hidden":
+            return f"hidden, H={m.hidden_size}, any T"
         k = (f", exact={m.exact}" if m.exact else "") + (f", k={m.k}" if m.k is not None else "")
         return f"{m.format}{k}, T={m.temperature:g}"
 

@@ -29,6 +29,7 @@ from potstill.store.manifest import (DEFAULT_EXACT, MANIFEST, HeldOut, Manifest,
 from potstill.store.source import StoreSource
 from potstill.targets import SparseTargets, sample, stratified_draws, topk
 
+HEAD = "head.safetensors"  # hidden: the teacher's LM head, written once before the shards
 LOG_FLOOR = -1e4  # log-probs are clamped here so that 0 * log 0 stays 0 in fp16 (exp(-1e4) == 0)
 
 
@@ -69,6 +70,8 @@ def encode_topk(t: SparseTargets, manifest: Manifest) -> dict[str, Tensor]:
 
 def _train_targets(source: StoreSource, start: int, stop: int, manifest: Manifest,
                    generator: torch.Generator | None) -> dict[str, Tensor]:
+    if manifest.format == "hidden":  # what the teacher's head reads: exact logits at any temperature, later
+        return {"hidden": source.hidden_states(start, stop).half()}
     if source.logits is None:  # a served teacher: top-k at T = 1 from the server (settings checked before)
         return encode_topk(source.topk(start, stop, manifest.k, manifest.temperature), manifest)
     return encode_targets(source.logits("train", start, stop), manifest, generator)
@@ -93,9 +96,12 @@ def check_settings(task: str, fmt: str, k: int | None, temperature: float, shard
                             "sparse formats are for language models")
         if k is not None:
             raise UserError("--k applies to --format topk or sampled, not to a classification store")
-    elif fmt == "dense":
+    elif fmt in ("dense", "hidden"):
         if k is not None:
-            raise UserError("--k applies to --format topk or sampled, not to dense")
+            raise UserError(f"--k applies to --format topk or sampled, not to {fmt}")
+        if fmt == "hidden" and temperature != 1.0:
+            raise UserError("--temperature: a hidden-state store serves any temperature (the loss applies it to the "
+                            "logits its states give); drop --temperature")
     else:
         k = default_k(fmt, exact) if k is None else k
         limit = 255 if fmt == "sampled" else (vocab_size or k)
@@ -113,6 +119,11 @@ def new_manifest(source: StoreSource, *, fmt: str, k: int | None, temperature: f
     """The manifest a build with these settings starts from (no shards yet); validates the settings.
     ``exact`` (sampled only): head ids kept exactly; None = ``DEFAULT_EXACT``, 0 = plain sampling."""
     k, exact = check_settings(source.task, fmt, k, temperature, shard_size, source.vocab_size, exact)
+    if source.formats is not None and fmt not in source.formats:
+        raise UserError(f"--format {fmt}: {source.formats_why}")
+    if fmt == "hidden" and source.hidden_states is None:
+        raise UserError("--format hidden keeps one local teacher model's final hidden states; this teacher (a server "
+                        "or an ensemble) has none: use --format topk, sampled or dense")
     if source.logits is None and (fmt != "topk" or eval_targets == "dense"):
         raise UserError(f"a teacher behind a server gives only its top-k log-probs: store it with --format topk "
                         f"--eval-targets none (got --format {fmt} --eval-targets {eval_targets})")
@@ -125,9 +136,12 @@ def new_manifest(source: StoreSource, *, fmt: str, k: int | None, temperature: f
                        dataset_fingerprint=source.heldout_fingerprint)
     return Manifest(
         task=source.task, recipe=source.recipe, format=fmt, k=k, exact=exact, temperature=float(temperature), seed=seed,
-        dtype="float16" if lm else "float32", ids_dtype=ids_dtype(source.vocab_size) if fmt != "dense" else None,
-        vocab_size=source.vocab_size, seq_len=source.seq_len, num_examples=source.num_examples,
-        shard_size=shard_size, bytes_per_token=bytes_per_token(source.task, fmt, k, source.vocab_size, exact),
+        dtype="float16" if lm else "float32",
+        ids_dtype=ids_dtype(source.vocab_size) if fmt not in ("dense", "hidden") else None,
+        vocab_size=source.vocab_size, hidden_size=source.hidden_size if fmt == "hidden" else None,
+        seq_len=source.seq_len, num_examples=source.num_examples, shard_size=shard_size,
+        bytes_per_token=bytes_per_token(source.task, fmt, k, source.vocab_size, exact,
+                                        source.hidden_size if fmt == "hidden" else None),
         teacher=source.teacher, tokenizer_sha256=source.tokenizer_sha256,
         student_tokenizer_sha256=source.student_tokenizer_sha256,
         dataset_fingerprint=source.dataset_fingerprint, held_out=held, teacher_responses=source.teacher_responses,
@@ -145,7 +159,7 @@ def check_existing(folder: Path, *, task: str, fmt: str, k: int | None, temperat
     if fmt == "sampled" and task == "lm" and exact is None:
         exact = DEFAULT_EXACT
     exact = exact or 0
-    if fmt != "dense" and k is None:
+    if fmt not in ("dense", "hidden") and k is None:
         k = default_k(fmt, exact)
     mine = {"task": task, "format": fmt, "k": k, "exact": exact, "temperature": float(temperature), "seed": seed,
             "shard_size": shard_size, "held-out targets": "dense" if eval_targets == "dense" else "none"}
@@ -186,6 +200,8 @@ def _open_folder(folder: Path, new: Manifest, warn: Callable[[str], None]) -> Ma
         stale.unlink(missing_ok=True)
     manifest = old.model_copy(update={"recipe": new.recipe, "teacher": new.teacher})
     manifest.shards = _verified(folder, old.shards, warn)
+    if manifest.head is not None and not _verified(folder, [manifest.head], warn):
+        manifest.head = None
     if manifest.held_out is not None:
         manifest.held_out.shards = _verified(folder, old.held_out.shards, warn)
     return manifest
@@ -210,6 +226,8 @@ def build_store(source: StoreSource, folder: Path, *, fmt: str, k: int | None, t
         _adopt_progress(folder, manifest, warn)
         if not (manifest.complete and _all_shards(manifest)):  # a finished store is left as it is
             manifest.complete = False
+            if manifest.format == "hidden" and manifest.head is None:
+                manifest.head = _shard(folder, HEAD, 0, 0, {k: v.float() for k, v in source.head().items()}, manifest)
             save_manifest(folder, manifest)
     barrier()
     manifest = load_manifest(folder)
@@ -272,7 +290,8 @@ def build_store(source: StoreSource, folder: Path, *, fmt: str, k: int | None, t
 
 
 def _all_shards(manifest: Manifest) -> bool:
-    return (len(manifest.shards) == manifest.num_shards()
+    return ((manifest.format != "hidden" or manifest.head is not None)
+            and len(manifest.shards) == manifest.num_shards()
             and (manifest.held_out is None or len(manifest.held_out.shards) == manifest.num_heldout_shards()))
 
 

@@ -38,7 +38,7 @@ from potstill.models.hf import make_student, save_student_folder, stop_token_ids
 from potstill.models.params import count_params
 from potstill.store.manifest import TeacherIdentity, check_setup
 from potstill.store.reader import StoreReader
-from potstill.store.source import StoreSource
+from potstill.store.source import StoreSource, hidden_parts
 from potstill.tasks.lm_answers import answer_scores, check_answers_recipe, report_generations, untouched_student
 from potstill.tasks.keep import freeze, keep_once, kept_dir, load_kept
 from potstill.tasks.lm_config import LMRecipe, LMTeacherConfig
@@ -379,7 +379,8 @@ class LMTask(TaskBase):
             dataset_fingerprint=self.train_set.fingerprint(), heldout_fingerprint=self.test_set.fingerprint(),
             tokenizer_sha256=tokenizer_sha256(self.tokenizer),
             teacher=self._teacher_identity(),
-            teacher_report=report, teacher_responses=list(self.teacher_responses))
+            teacher_report=report, teacher_responses=list(self.teacher_responses),
+            **(hidden_parts(model, self.train_set) if len(members) == 1 else {}))
 
     def _teacher_identity(self) -> TeacherIdentity:
         if len(self.teacher_models) == 1:
@@ -402,7 +403,7 @@ class LMTask(TaskBase):
             raise UserError(f"students.{name}.method '{cfg.method}' is a classifier method; LM recipes use {lm_methods}")
         method_cfg = method_config(cfg.method, cfg.params, where=f"students.{name}")
         m = self.store.manifest if self.store is not None else None
-        if m is not None and m.format != "dense" and method_cls.uses_teacher(method_cfg) \
+        if m is not None and m.format not in ("dense", "hidden") and method_cls.uses_teacher(method_cfg) \
                 and not math.isclose(method_cfg.temperature, m.temperature, rel_tol=1e-9):
             raise UserError(f"students.{name}: temperature {method_cfg.temperature:g} differs from the teacher store's "
                             f"{m.temperature:g} ({m.format} targets are fixed at the temperature they were taken at); "

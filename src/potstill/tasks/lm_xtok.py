@@ -10,8 +10,13 @@ students, so it ranks them); the held-out numbers are bits per byte (comparable 
 so the teacher's and the untouched student's sit beside the students') and span agreement
 (:mod:`potstill.eval.xtok_metrics`).
 
-Not supported (refused before step one): chat data, a served, ensemble or tiny teacher, and training
-from a teacher store (a store built for another tokenizer pair is refused as such first).
+A teacher store for the pair (``potstill store RECIPE``, ``--format hidden``: the teacher's final
+hidden states over its own tokens of every training chunk, its LM head, and its held-out top-1 ids
+and numbers) replaces the teacher model: a student trains from it exactly as from the live teacher
+(up to the fp16 rounding of the states). A store built for another tokenizer pair, or in another
+format, is refused before step one.
+
+Not supported (refused before step one): chat data, and a served, ensemble or tiny teacher.
 """
 
 from __future__ import annotations
@@ -25,14 +30,17 @@ from potstill.core.errors import UserError
 from potstill.core.hashing import tokenizer_sha256
 from potstill.eval.xtok_metrics import span_agreement, span_top_tokens, text_metrics
 from potstill.methods import method_class, method_config
-from potstill.models.hf import load_causal_lm, load_tokenizer, make_student, stop_token_ids
+from potstill.data.text.token_bytes import token_bytes
+from potstill.models.hf import (final_logit_softcap, lm_hidden_and_head, load_causal_lm, load_tokenizer,
+                                logits_from_hidden, make_student, stop_token_ids)
 from potstill.models.params import count_params
-from potstill.store.manifest import check_tokenizer_pair
+from potstill.store.manifest import check_setup, check_tokenizer_pair
+from potstill.store.source import StoreSource, hidden_parts
 from potstill.tasks.keep import freeze
 from potstill.tasks.lm import LMTask
 from potstill.tasks.lm_xtok_data import XTokBatches, build_xtok_data
 from potstill.tasks.registry import OnStep, OnStepFactory
-from potstill.teachers.cross_tokenizer import CrossTokenizerTeacher
+from potstill.teachers.cross_tokenizer import CrossTokenizerTeacher, StoredCrossTokenizerTeacher
 
 
 class CrossTokenizerLMTask(LMTask):
@@ -50,11 +58,14 @@ class CrossTokenizerLMTask(LMTask):
                             "student.init=teacher_layers")
         self.student_tokenizer, self.teacher_tokenizer = load_tokenizer(r.student.model), load_tokenizer(cfg.model)
         if self.store is not None:
-            check_tokenizer_pair(self.store.manifest, self.store.folder,
-                                 teacher_sha256=tokenizer_sha256(self.teacher_tokenizer),
+            m, folder = self.store.manifest, self.store.folder
+            check_tokenizer_pair(m, folder, teacher_sha256=tokenizer_sha256(self.teacher_tokenizer),
                                  student_sha256=tokenizer_sha256(self.student_tokenizer))
-            raise UserError("training a cross-tokenizer student from a teacher store is not supported yet; drop "
-                            "teacher.store (the teacher then runs in the process)")
+            if m.format != "hidden" or m.held_out is None:
+                raise UserError(f"teacher store {folder} is a {m.format} store"
+                                f"{'' if m.held_out else ' without held-out targets'}; a cross-tokenizer student "
+                                "trains from a hidden-state store with held-out targets: `potstill store RECIPE "
+                                "--format hidden` (the default for this recipe)")
 
     def prepare_teacher(self, on_step_factory: OnStepFactory) -> None:
         r, cfg = self.recipe, self.member_cfgs[0]
@@ -63,9 +74,17 @@ class CrossTokenizerLMTask(LMTask):
                                                                              self.teacher_tokenizer)
         self.train_set, self.val_set, self.test_set = self.xtrain.student, self.xval.student, self.xtest.student
         self.heldout_prompts, self.teacher_responses = [], []
-        model, _ = load_causal_lm(cfg.model, dtype=getattr(torch, cfg.dtype))
-        self.teacher_model = freeze(model.to(self.runtime.device))
-        self.teacher_models, self.reused = [self.teacher_model], False
+        self.reused = False
+        if self.store is not None:
+            store = self.store
+            check_setup(store.manifest, store.folder, seq_len=self.xtrain.teacher.seq_len,
+                        dataset_fingerprint=self.xtrain.fingerprint(), num_examples=len(self.xtrain),
+                        heldout_fingerprint=self.xtest.fingerprint())
+            store.verify()
+        else:
+            model, _ = load_causal_lm(cfg.model, dtype=getattr(torch, cfg.dtype))
+            self.teacher_model = freeze(model.to(self.runtime.device))
+            self.teacher_models = [self.teacher_model]
         source, _ = load_causal_lm(r.student.model)
         self.student_source_layers = int(source.config.get_text_config().num_hidden_layers)
         try:
@@ -75,9 +94,14 @@ class CrossTokenizerLMTask(LMTask):
             raise UserError(f"student: {error}") from None
         del source
         self.student_vocab = int(self._student_template.get_output_embeddings().weight.shape[0])
-        self.teacher = CrossTokenizerTeacher(self.teacher_model, f"{cfg.model} (its own tokenizer)",
-                                             student_tokenizer=self.student_tokenizer,
-                                             teacher_tokenizer=self.teacher_tokenizer, student_vocab=self.student_vocab)
+        pair = {"student_tokenizer": self.student_tokenizer, "teacher_tokenizer": self.teacher_tokenizer,
+                "student_vocab": self.student_vocab}
+        if self.store is not None:
+            self.teacher = StoredCrossTokenizerTeacher(self.store, f"{cfg.model} (its own tokenizer) via teacher store "
+                                                       f"{self.store.folder} ({self.store.describe()})", **pair)
+            self.teacher_targets = f"offline store {self.store.folder} (format {self.store.describe()})"
+            return
+        self.teacher = CrossTokenizerTeacher(self.teacher_model, f"{cfg.model} (its own tokenizer)", **pair)
         self.teacher_targets = f"loaded from {cfg.model}"
         if cfg.precompute:
             t = self.xtrain.teacher
@@ -115,12 +139,38 @@ class CrossTokenizerLMTask(LMTask):
 
     def _teacher_numbers(self) -> dict[str, float]:
         if not hasattr(self, "_teacher_held"):
-            self._teacher_held = self._held_out(self.teacher_model, "teacher")
+            if self.store is None:
+                self._teacher_held = self._held_out(self.teacher_model, "teacher")
+            else:  # measured when the store was built; the top-1 ids of the span rows from its held-out targets
+                metrics = (self.store.manifest.teacher_report or {}).get("metrics", {})
+                self._teacher_held = {k: v["mean"] for k, v in metrics.items() if k != "params"}
+                self._teacher_tops = self._stored_teacher_tops()
         return self._teacher_held
 
+    def _stored_teacher_tops(self) -> list[bytes]:
+        """What ``span_top_tokens`` gives for the teacher, from the store's exact held-out argmax (kept per
+        row that predicts a label, sequence after sequence)."""
+        split, table = self.xtest.teacher, token_bytes(self.teacher_tokenizer).table
+        mask = split.view(slice(0, len(split))).target_mask()  # [n, T - 1]: row t predicts token t + 1
+        argmax, width = self.store.heldout(0, len(split), "argmax"), mask.shape[1]
+        flat_mask = mask.reshape(-1)
+        where = flat_mask.long().cumsum(0) - 1  # each kept row's place in argmax
+        out: list[bytes] = []
+        for b, alignment in enumerate(self.xtest.alignments):
+            rows = b * width + alignment.spans[:, 2] - 1
+            if not bool(flat_mask[rows].all()):
+                raise RuntimeError("a span row of the held-out text has no stored teacher target")
+            out.extend(table[i] if i < len(table) else b"" for i in argmax[where[rows]].tolist())
+        return out
+
     def teacher_report(self) -> dict:
-        values = {**self._teacher_numbers(), "params": count_params(self.teacher_model)}
         self.teacher_generations = []
+        if self.store is not None:
+            values = {**self._teacher_numbers(), "params": self.store.manifest.teacher.params}
+            return {"description": self.teacher.description, "reused": False, "params": values["params"],
+                    "store": self.store.report_entry(),
+                    "metrics": {k: {"mean": v, "std": 0.0, "values": [v]} for k, v in values.items()}}
+        values = {**self._teacher_numbers(), "params": count_params(self.teacher_model)}
         return {"description": self.teacher.description, "reused": False, "params": values["params"],
                 "metrics": {k: {"mean": v, "std": 0.0, "values": [v]} for k, v in values.items()}}
 
@@ -172,8 +222,37 @@ class CrossTokenizerLMTask(LMTask):
                            if self.skipped else ""), *out["notes"][1:]]
         return out
 
-    def store_source(self):
-        raise UserError("`potstill store` for a cross-tokenizer run is not supported yet; drop student.model")
+    def _store_note(self) -> str:
+        m, store = self.store.manifest, self.store
+        return (f"teacher targets came from the offline store {store.folder} ({store.describe()}, {m.bytes_per_token} "
+                f"bytes/token and the LM head, manifest sha256 {store.digest[:16]}); no teacher model was in memory; "
+                "the teacher's held-out numbers were measured when the store was built, span_agreement reads the "
+                "store's exact held-out top-1 ids")
+
+    def store_source(self) -> StoreSource:
+        """The teacher over its own tokens of the chunks: final hidden states of the training split
+        (``--format hidden``, the one format the cross-tokenizer losses can use) and T=1 log-probs of the
+        held-out split; fingerprints over both tokenizations, and both tokenizers' hashes."""
+        model, train, test = self.teacher_model, self.xtrain.teacher, self.xtest.teacher
+        vocab = int(model.get_output_embeddings().weight.shape[0])
+
+        @torch.no_grad()
+        def logits(split: str, start: int, stop: int) -> torch.Tensor:
+            view = {"train": train, "test": test}[split].view(slice(start, stop))
+            hidden, weight, bias = lm_hidden_and_head(model, view.input_ids, view.attention_mask, allow_softcap=True)
+            return logits_from_hidden(hidden, weight, bias, final_logit_softcap(model)).float()
+
+        return StoreSource(
+            task="lm", recipe=self.recipe.name, vocab_size=vocab, seq_len=train.seq_len, num_examples=len(train),
+            heldout_examples=len(test), batch_size=max(1, min(16, (1 << 27) // (4 * train.seq_len * vocab))),
+            logits=logits, heldout_mask=lambda start, stop: test.view(slice(start, stop)).target_mask(),
+            dataset_fingerprint=self.xtrain.fingerprint(), heldout_fingerprint=self.xtest.fingerprint(),
+            tokenizer_sha256=tokenizer_sha256(self.teacher_tokenizer),
+            student_tokenizer_sha256=tokenizer_sha256(self.student_tokenizer),
+            teacher=self._teacher_identity(), teacher_report=self.teacher_report,
+            formats=("hidden",), formats_why="the cross-tokenizer losses compare whole next-token distributions at "
+            "aligned spans, which the teacher's hidden states and head give exactly; store this run with --format "
+            "hidden (its default)", **hidden_parts(model, train))
 
 
 LMTask.variants.append((lambda recipe: bool(recipe.student.model), CrossTokenizerLMTask))

@@ -10,6 +10,9 @@ the store holds exactly those rows. What comes back:
   which differs from the teacher's logits ``z`` by a per-position constant only, so any training
   temperature gives ``softmax(z / T)`` (up to fp16 rounding of the stored log-probs). At ``T_c = 1``
   they stay fp16 (half the memory; the chunked loss upcasts each chunk).
+* ``hidden`` LM stores: ``TeacherOutput(hidden=[B, T, H], head=[V, H])``, the teacher's final hidden
+  states (fp16, upcast) and its LM head, as a live teacher gives them: every divergence at any
+  temperature, the cross-tokenizer losses included, exact up to the fp16 rounding of the states.
 * classification stores: ``TeacherOutput(logits=[B, C])``, the teacher's raw fp32 logits.
 """
 
@@ -26,7 +29,7 @@ from potstill.targets import SparseTargets, floored_tail
 from potstill.teachers.base import Capability, TeacherOutput
 
 _FORMAT_CAPABILITY = {"dense": Capability.LOGITS, "topk": Capability.SPARSE_TOPK,
-                      "sampled": Capability.SPARSE_SAMPLED}
+                      "sampled": Capability.SPARSE_SAMPLED, "hidden": Capability.HIDDEN_HEAD}
 
 
 class StoreTeacher:
@@ -36,6 +39,7 @@ class StoreTeacher:
         self.description = description or f"teacher store {reader.folder} ({reader.describe()})"
         kind = Capability.LOGITS if self.manifest.task == "classification" else _FORMAT_CAPABILITY[self.manifest.format]
         self.capabilities = frozenset({kind})
+        self._head: dict | None = None  # hidden: the LM head, read once
 
     @torch.no_grad()
     def targets(self, batch, features: Sequence[str] = ()) -> TeacherOutput:
@@ -49,6 +53,12 @@ class StoreTeacher:
         m = self.manifest
         if m.task == "classification":
             return TeacherOutput(logits=rows["logits"].float())
+        if m.format == "hidden":
+            device = batch.index.device
+            if self._head is None or self._head["weight"].device != device:
+                self._head = {name: value.to(device) for name, value in self.reader.head().items()}
+            head = self._head
+            return TeacherOutput(hidden=rows["hidden"].float(), head=head["weight"], head_bias=head.get("bias"))
         if m.format == "dense":  # fp16 at T_c = 1 (the loss upcasts chunk by chunk); the exact product otherwise
             stored = rows["log_probs"]
             return TeacherOutput(logits=stored if m.temperature == 1.0 else stored.float() * m.temperature)
