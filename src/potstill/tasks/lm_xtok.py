@@ -165,13 +165,10 @@ class CrossTokenizerLMTask(LMTask):
 
     def teacher_report(self) -> dict:
         self.teacher_generations = []
-        if self.store is not None:
-            values = {**self._teacher_numbers(), "params": self.store.manifest.teacher.params}
-            return {"description": self.teacher.description, "reused": False, "params": values["params"],
-                    "store": self.store.report_entry(),
-                    "metrics": {k: {"mean": v, "std": 0.0, "values": [v]} for k, v in values.items()}}
-        values = {**self._teacher_numbers(), "params": count_params(self.teacher_model)}
-        return {"description": self.teacher.description, "reused": False, "params": values["params"],
+        params = self.store.manifest.teacher.params if self.store is not None else count_params(self.teacher_model)
+        values = {**self._teacher_numbers(), "params": params}
+        return {"description": self.teacher.description, "reused": False, "params": params,
+                **({"store": self.store.report_entry()} if self.store is not None else {}),
                 "metrics": {k: {"mean": v, "std": 0.0, "values": [v]} for k, v in values.items()}}
 
     def untouched_student(self) -> dict:
