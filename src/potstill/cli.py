@@ -111,6 +111,7 @@ def store(
     from potstill.app.run import bar_factory, progress_bars
     from potstill.app.store import store_source
     from potstill.store.manifest import FORMATS
+    from potstill.store.source import CROSS_TOKENIZER_FORMATS_WHY
     from potstill.store.writer import build_store, check_existing, check_settings
     from potstill.tasks import load_recipe
 
@@ -132,8 +133,7 @@ def store(
     if loaded.task == "classification" and temperature is not None:
         fail("--temperature: a classification store keeps the teacher's raw logits, which serve any KD temperature")
     if cross_tokenizer and fmt != "hidden":
-        fail(f"--format {fmt}: the cross-tokenizer losses compare whole next-token distributions at aligned spans, "
-             "which the teacher's hidden states and head give exactly; store this run with --format hidden (its default)")
+        fail(f"--format {fmt}: {CROSS_TOKENIZER_FORMATS_WHY}")
     if fmt == "hidden" and temperature is not None:
         fail("--temperature: a hidden-state store serves any temperature (the loss applies it); drop --temperature")
     temperature = 1.0 if temperature is None else temperature

@@ -15,6 +15,11 @@ import torch
 from torch import Tensor
 
 from potstill.store.manifest import TeacherIdentity
+
+# why a cross-tokenizer run is stored only as --format hidden (the CLI's early refusal and the writer's)
+CROSS_TOKENIZER_FORMATS_WHY = ("the cross-tokenizer losses compare whole next-token distributions at aligned spans, "
+                               "which the teacher's hidden states and head give exactly; store this run with --format "
+                               "hidden (its default)")
 from potstill.targets import SparseTargets
 
 

@@ -35,7 +35,7 @@ from potstill.models.hf import (final_logit_softcap, lm_hidden_and_head, load_ca
                                 logits_from_hidden, make_student, stop_token_ids)
 from potstill.models.params import count_params
 from potstill.store.manifest import check_setup, check_tokenizer_pair
-from potstill.store.source import StoreSource, hidden_parts
+from potstill.store.source import CROSS_TOKENIZER_FORMATS_WHY, StoreSource, hidden_parts
 from potstill.tasks.keep import freeze
 from potstill.tasks.lm import LMTask
 from potstill.tasks.lm_xtok_data import XTokBatches, build_xtok_data
@@ -247,9 +247,7 @@ class CrossTokenizerLMTask(LMTask):
             tokenizer_sha256=tokenizer_sha256(self.teacher_tokenizer),
             student_tokenizer_sha256=tokenizer_sha256(self.student_tokenizer),
             teacher=self._teacher_identity(), teacher_report=self.teacher_report,
-            formats=("hidden",), formats_why="the cross-tokenizer losses compare whole next-token distributions at "
-            "aligned spans, which the teacher's hidden states and head give exactly; store this run with --format "
-            "hidden (its default)", **hidden_parts(model, train))
+            formats=("hidden",), formats_why=CROSS_TOKENIZER_FORMATS_WHY, **hidden_parts(model, train))
 
 
 LMTask.variants.append((lambda recipe: bool(recipe.student.model), CrossTokenizerLMTask))
