@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -119,10 +120,42 @@ def deterministic_numbers(report: dict) -> dict:
     }
 
 
+def interrupted_jobs(run: Path) -> set[str]:
+    """The (student, seed) folders, as "student/seed_N", with a checkpoint and no result: the jobs a
+    kill stopped mid-run."""
+    return {f"{state.parents[2].name}/{state.parents[1].name}"
+            for state in run.glob("students/*/seed_*/checkpoint/state.json")
+            if not (state.parents[1] / "result.json").exists()}
+
+
+def live_pids(marker: str) -> list[int]:
+    """Live (not zombie) processes started with ``POTSTILL_TEST_RUN=marker`` in their environment:
+    a launch, its torchrun ranks, its worker processes."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z" and \
+                        f"POTSTILL_TEST_RUN={marker}".encode() in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def assert_outlived_by_none(marker: str, grace: float = 60.0) -> None:
+    """Every process of a killed run exits soon after it (a survivor would race ``--resume``)."""
+    until = time.time() + grace
+    while live_pids(marker) and time.time() < until:
+        time.sleep(0.05)
+    assert not live_pids(marker), "a process of the killed run outlived it (it would race --resume)"
+
+
 def kill_then_resume(recipe: Path, run: Path, cwd: Path, ready: Callable[[], bool], command: str = "distill") -> dict:
     """``potstill COMMAND RECIPE --out RUN``, SIGKILLed as soon as ``ready()`` holds, then
     ``--resume RUN`` to the end; returns the resumed run's report."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    marker = uuid.uuid4().hex
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "POTSTILL_TEST_RUN": marker}
     process = subprocess.Popen([sys.executable, "-m", "potstill", command, str(recipe), "--out", str(run)],
                                cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -130,7 +163,7 @@ def kill_then_resume(recipe: Path, run: Path, cwd: Path, ready: Callable[[], boo
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    time.sleep(1)  # worker processes notice their main process is gone and exit
+    assert_outlived_by_none(marker)  # worker processes notice their main process is gone and exit
     assert not (run / "report.json").exists()
     resumed = potstill(command, "--resume", str(run), cwd=cwd)
     assert resumed.returncode == 0, resumed.stderr

@@ -19,7 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from helpers import TINY_RECIPE, potstill, session_cache
+from helpers import TINY_RECIPE, assert_outlived_by_none, interrupted_jobs, potstill, session_cache
 from potstill.config import load_recipe_data
 from potstill.train.parallel import rank_share
 
@@ -171,15 +171,17 @@ def _rank_pids(marker: str, rank: int) -> list[int]:
     return found
 
 
-def _killed_run(recipe: Path, run: Path, nproc: int, kill_rank: int | None, student: str = "baseline") -> None:
-    """Start the run and SIGKILL it (the whole launch, or one rank) once ``student`` has a checkpoint."""
+def _killed_run(recipe: Path, run: Path, nproc: int, kill_rank: int | None) -> set[str]:
+    """Start the run and SIGKILL it (the whole launch, or one rank) once a student is mid-run (it
+    has a checkpoint and no result); returns the students the kill interrupted. Which students
+    those are depends on timing (a job can finish in the instant before the kill lands), so the
+    tests ask each interrupted one to resume, not a student named in advance."""
     marker = uuid.uuid4().hex
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "POTSTILL_TEST_RUN": marker}
     process = subprocess.Popen([sys.executable, "-m", "potstill", "distill", str(recipe), "--out", str(run),
                                 "--nproc", str(nproc)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ready = run / "students" / student / "seed_0" / "checkpoint" / "state.json"
     deadline = time.time() + 300
-    while not ready.exists() and process.poll() is None and time.time() < deadline:
+    while not interrupted_jobs(run) and process.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     ranks = range(nproc) if kill_rank is None else [kill_rank]
     victims = [pid for rank in ranks for pid in _rank_pids(marker, rank)] if nproc > 1 else [process.pid]
@@ -187,27 +189,34 @@ def _killed_run(recipe: Path, run: Path, nproc: int, kill_rank: int | None, stud
         os.kill(pid, signal.SIGKILL)
     code = process.wait(timeout=120)
     assert code != 0, "the run finished before it could be killed"
-    time.sleep(1)  # torchrun's workers notice the launch is gone and stop
+    assert_outlived_by_none(marker)  # workers and ranks follow their parent
     assert not (run / "report.json").exists()
+    interrupted = {job.split("/")[0] for job in interrupted_jobs(run)}  # one seed: the students
+    assert interrupted, "the kill interrupted no student"
+    return interrupted
+
+
+def _resumed_from(run: Path, student: str) -> int:
+    return json.loads((run / "students" / student / "seed_0" / "result.json").read_text())["resumed_from"]
 
 
 @pytest.mark.parametrize("saved, resumed", [(2, 1), (1, 2)])
 def test_resume_at_another_world_size(cls_runs, tmp_path, saved, resumed):
     run = tmp_path / "run"
-    _killed_run(cls_runs["recipe"], run, saved, kill_rank=None)
+    interrupted = _killed_run(cls_runs["recipe"], run, saved, kill_rank=None)
     done = potstill("distill", "--resume", str(run), "--nproc", str(resumed))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads((run / "students" / "baseline" / "seed_0" / "result.json").read_text())["resumed_from"] > 0
+    assert all(_resumed_from(run, student) > 0 for student in interrupted), interrupted
     assert_same_weights(cls_runs["one"], run)
 
 
 @pytest.mark.slow  # CI runs it (.ci/run); the resume tests above already cover a kill of every rank
 def test_sigkill_of_one_rank_then_resume_reproduces_the_run(cls_runs, tmp_path):
     run = tmp_path / "run"
-    _killed_run(cls_runs["recipe"], run, 2, kill_rank=1)
+    interrupted = _killed_run(cls_runs["recipe"], run, 2, kill_rank=1)
     done = potstill("distill", "--resume", str(run), "--nproc", "2")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads((run / "students" / "baseline" / "seed_0" / "result.json").read_text())["resumed_from"] > 0
+    assert all(_resumed_from(run, student) > 0 for student in interrupted), interrupted
     assert_same_weights(cls_runs["two"], run, atol=0.0)  # the same world size: bit for bit
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import deterministic_numbers, kill_then_resume, potstill, write_recipe
+from helpers import deterministic_numbers, interrupted_jobs, kill_then_resume, potstill, write_recipe
 from potstill.models.classifiers import load_classifier
 
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
@@ -15,8 +15,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     assert straight.returncode == 0, straight.stderr
 
     run = tmp_path / "killed"
-    first_checkpoint = run / "students" / "baseline" / "seed_0" / "checkpoint" / "state.json"
-    b = kill_then_resume(recipe, run, tmp_path, first_checkpoint.exists)
+    b = kill_then_resume(recipe, run, tmp_path, lambda: bool(interrupted_jobs(run)))
     a = json.loads((tmp_path / "straight" / "report.json").read_text())
     assert deterministic_numbers(a) == deterministic_numbers(b)
     for name in ("baseline", "kd"):
@@ -30,8 +29,8 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
             ma, mb = (load_classifier(folder) for folder in folders)
             assert all(torch.equal(va, vb) for va, vb in zip(ma.state_dict().values(), mb.state_dict().values()))
     assert b["students"]["kd"]["artifacts"] == ["students/kd/seed_0", "students/kd/seed_1"]
-    result = json.loads((run / "students" / "baseline" / "seed_0" / "result.json").read_text())
-    assert result["resumed_from"] > 0  # it really continued from a checkpoint
+    # it really continued from a checkpoint (which job the kill caught depends on timing)
+    assert any(json.loads(p.read_text())["resumed_from"] > 0 for p in run.glob("students/*/seed_*/result.json"))
 
 
 @pytest.mark.slow  # a whole run (15-20 s quiet): CI runs every slow test after make test (.ci/run)
