@@ -75,9 +75,15 @@ def test_a_served_run_matches_a_topk_store_run(server, reference, tmp_path, monk
         from_server = run_recipe(load_recipe(str(server.recipe), served(server.url)), tmp_path / "served-run")
     assert_same_weights(tmp_path / "served-run", reference)  # precompute on or off: the same targets
     stored, weights = load_file(str(tmp_path / "store-run" / WEIGHTS)), load_file(str(tmp_path / "served-run" / WEIGHTS))
-    # the store keeps fp16 log-probs and tail, the server sends fp32: equal up to that rounding
+    # the store keeps fp16 log-probs and tail, the server sends fp32: equal up to that rounding, as
+    # Adam passes it on. Where an element's gradient is near zero, Adam's step (g / sqrt(v)) can turn
+    # with the rounding, so a few elements may differ by up to a step; every other is close.
+    step = load_recipe(str(server.recipe)).train.lr
     for name in weights:
-        torch.testing.assert_close(weights[name], stored[name], rtol=1e-3, atol=1e-4)
+        gap, scale = (weights[name] - stored[name]).abs(), stored[name].abs()
+        turned = gap > 1e-4 + 1e-3 * scale
+        assert turned.float().mean() <= 1e-3 and gap.max() <= 4 * step, (name, int(turned.sum()), float(gap.max()))
+        assert gap.norm() <= 1e-3 * scale.norm(), name
     ppl = lambda report: report["students"]["forward_kl"]["metrics"]["perplexity"]["mean"]  # noqa: E731
     assert abs(ppl(from_server) / ppl(from_store) - 1) < 1e-4
     assert from_server["teacher"]["served"]["top_k"] == K
