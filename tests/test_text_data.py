@@ -75,6 +75,14 @@ def test_tiny_tokenizer_deterministic_and_roundtrip(tok):
     assert has_chat_template(tok)
 
 
+def test_tiny_sentencepiece_tokenizer_is_the_same_every_time():
+    """Trained five times in one process (each training hashes with other keys), one tokenizer: its
+    alphabet's ties are broken by character, not in hash order."""
+    docs = T.pydoc_documents()[:30]
+    digests = {tokenizer_sha256(T.train_tiny_sentencepiece_tokenizer(docs, 280)) for _ in range(5)}
+    assert len(digests) == 1, digests
+
+
 def _check_masking(tok, enc, prompt_ids, max_length):
     ids, labels, mask = enc["input_ids"], enc["labels"], enc["attention_mask"]
     assert ids.shape == labels.shape == mask.shape == (max_length,)

@@ -4,6 +4,7 @@ recipe run without the optional ``[models]`` extra."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -67,6 +68,7 @@ def train_tiny_sentencepiece_tokenizer(texts: Sequence[str], vocab_size: int = 3
     with ``<0xNN>`` byte fallback for characters it does not know, BOS ``<bos>`` added to every
     encoding, Gemma-style turn markers and chat template (:data:`TINY_GEMMA_CHAT_TEMPLATE`).
     ``dummy_prefix``: a ``▁`` is prepended to the text (Llama 2 style), which decoding removes.
+    Deterministic: the same texts and settings give the same tokenizer in every process.
     A second vocabulary for cross-tokenizer tests, unlike :func:`train_tiny_tokenizer` in every
     way that matters there (pieces, byte handling, BOS, templates)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -77,10 +79,14 @@ def train_tiny_sentencepiece_tokenizer(texts: Sequence[str], vocab_size: int = 3
     base = Tokenizer(models.BPE(unk_token="<unk>"))
     base.normalizer = normalizers.Replace(" ", "▁")
     base.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=True)
-    # a small alphabet, so that rarer characters (emoji, most CJK) go through byte fallback
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, limit_alphabet=80,
-                                  show_progress=False)
-    base.train_from_iterator(list(texts), trainer=trainer)
+    # A small alphabet, so that rarer characters (emoji, most CJK) go through byte fallback. It is
+    # chosen here, ties by character: the trainer's own limit_alphabet breaks ties in hash order,
+    # another vocabulary in every process. The trainer sees only these characters.
+    counts = Counter(ch for text in texts for ch in text.replace(" ", "▁"))
+    alphabet = set(sorted(counts, key=lambda ch: (-counts[ch], ch))[:80])
+    kept = ["".join(ch if ch in alphabet else " " for ch in text) for text in texts]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    base.train_from_iterator(kept, trainer=trainer)
     state = json.loads(base.to_str())
     vocab, merges = state["model"]["vocab"], [tuple(m) if isinstance(m, list) else tuple(m.split(" "))
                                               for m in state["model"]["merges"]]
