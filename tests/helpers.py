@@ -128,15 +128,16 @@ def interrupted_jobs(run: Path) -> set[str]:
             if not (state.parents[1] / "result.json").exists()}
 
 
-def live_pids(marker: str) -> list[int]:
-    """Live (not zombie) processes started with ``POTSTILL_TEST_RUN=marker`` in their environment:
-    a launch, its torchrun ranks, its worker processes."""
+def live_pids(marker: str, rank: int | None = None) -> list[int]:
+    """Live (not zombie) processes started with ``POTSTILL_TEST_RUN=marker`` in their environment
+    (a launch, its torchrun ranks, its worker processes); with ``rank``, that torchrun rank's only."""
+    wanted = [f"POTSTILL_TEST_RUN={marker}".encode()] + ([f"RANK={rank}".encode()] if rank is not None else [])
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if (entry / "stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z" and \
-                        f"POTSTILL_TEST_RUN={marker}".encode() in (entry / "environ").read_bytes().split(b"\0"):
+                env = (entry / "environ").read_bytes().split(b"\0")
+                if all(w in env for w in wanted) and (entry / "stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z":
                     found.append(int(entry.name))
             except OSError:
                 continue

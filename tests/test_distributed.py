@@ -19,7 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from helpers import TINY_RECIPE, assert_outlived_by_none, interrupted_jobs, potstill, session_cache
+from helpers import TINY_RECIPE, assert_outlived_by_none, interrupted_jobs, live_pids, potstill, session_cache
 from potstill.config import load_recipe_data
 from potstill.train.parallel import rank_share
 
@@ -156,21 +156,6 @@ def test_a_sharded_teacher_scoring_every_step_gives_the_same_weights(tmp_path, t
     assert abs(one["teacher"]["metrics"]["perplexity"]["mean"] - two["teacher"]["metrics"]["perplexity"]["mean"]) < 1e-3
 
 
-def _rank_pids(marker: str, rank: int) -> list[int]:
-    """Processes started with ``marker`` in their environment and RANK=rank (torchrun's workers)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            env = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if f"POTSTILL_TEST_RUN={marker}".encode() in env and f"RANK={rank}".encode() in env:
-            found.append(int(entry.name))
-    return found
-
-
 def _killed_run(recipe: Path, run: Path, nproc: int, kill_rank: int | None) -> set[str]:
     """Start the run and SIGKILL it (the whole launch, or one rank) once a student is mid-run (it
     has a checkpoint and no result); returns the students the kill interrupted. Which students
@@ -184,7 +169,7 @@ def _killed_run(recipe: Path, run: Path, nproc: int, kill_rank: int | None) -> s
     while not interrupted_jobs(run) and process.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     ranks = range(nproc) if kill_rank is None else [kill_rank]
-    victims = [pid for rank in ranks for pid in _rank_pids(marker, rank)] if nproc > 1 else [process.pid]
+    victims = [pid for rank in ranks for pid in live_pids(marker, rank)] if nproc > 1 else [process.pid]
     for pid in victims:  # the ranks themselves: a launcher's death reaches them only after a few steps
         os.kill(pid, signal.SIGKILL)
     code = process.wait(timeout=120)
