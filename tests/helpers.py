@@ -144,28 +144,33 @@ def live_pids(marker: str, rank: int | None = None) -> list[int]:
     return found
 
 
-def assert_outlived_by_none(marker: str, grace: float = 60.0) -> None:
-    """Every process of a killed run exits soon after it (a survivor would race ``--resume``)."""
-    until = time.time() + grace
-    while live_pids(marker) and time.time() < until:
+def killed_run(argv: list[str], run: Path, ready: Callable[[], bool], *, cwd: Path | None = None,
+               victims: Callable[[str], list[int]] | None = None) -> set[str]:
+    """``potstill *argv`` (writing ``run``), SIGKILLed as soon as ``ready()`` holds: the launch itself,
+    or the processes ``victims(marker)`` names (torchrun ranks). Waits until no process of the run is
+    left (a survivor would race ``--resume``); returns :func:`interrupted_jobs`."""
+    marker = uuid.uuid4().hex
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "POTSTILL_TEST_RUN": marker}
+    process = subprocess.Popen([sys.executable, "-m", "potstill", *argv], cwd=cwd, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not ready() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    for pid in victims(marker) if victims is not None else [process.pid]:
+        os.kill(pid, signal.SIGKILL)
+    assert process.wait(timeout=120) != 0, "the run finished before it could be killed"
+    grace = time.time() + 60  # worker processes and ranks notice their parent is gone and exit
+    while live_pids(marker) and time.time() < grace:
         time.sleep(0.05)
     assert not live_pids(marker), "a process of the killed run outlived it (it would race --resume)"
+    assert not (run / "report.json").exists()
+    return interrupted_jobs(run)
 
 
 def kill_then_resume(recipe: Path, run: Path, cwd: Path, ready: Callable[[], bool], command: str = "distill") -> dict:
     """``potstill COMMAND RECIPE --out RUN``, SIGKILLed as soon as ``ready()`` holds, then
     ``--resume RUN`` to the end; returns the resumed run's report."""
-    marker = uuid.uuid4().hex
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "POTSTILL_TEST_RUN": marker}
-    process = subprocess.Popen([sys.executable, "-m", "potstill", command, str(recipe), "--out", str(run)],
-                               cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not ready() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    assert_outlived_by_none(marker)  # worker processes notice their main process is gone and exit
-    assert not (run / "report.json").exists()
+    killed_run([command, str(recipe), "--out", str(run)], run, ready, cwd=cwd)
     resumed = potstill(command, "--resume", str(run), cwd=cwd)
     assert resumed.returncode == 0, resumed.stderr
     return json.loads((run / "report.json").read_text())

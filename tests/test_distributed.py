@@ -5,13 +5,7 @@ the uninterrupted run. Each run here is a real `potstill distill [--nproc 2]` su
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
-import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -19,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from helpers import TINY_RECIPE, assert_outlived_by_none, interrupted_jobs, live_pids, potstill, session_cache
+from helpers import TINY_RECIPE, interrupted_jobs, killed_run, live_pids, potstill, session_cache
 from potstill.config import load_recipe_data
 from potstill.train.parallel import rank_share
 
@@ -161,22 +155,14 @@ def _killed_run(recipe: Path, run: Path, nproc: int, kill_rank: int | None) -> s
     has a checkpoint and no result); returns the students the kill interrupted. Which students
     those are depends on timing (a job can finish in the instant before the kill lands), so the
     tests ask each interrupted one to resume, not a student named in advance."""
-    marker = uuid.uuid4().hex
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "POTSTILL_TEST_RUN": marker}
-    process = subprocess.Popen([sys.executable, "-m", "potstill", "distill", str(recipe), "--out", str(run),
-                                "--nproc", str(nproc)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not interrupted_jobs(run) and process.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
     ranks = range(nproc) if kill_rank is None else [kill_rank]
-    victims = [pid for rank in ranks for pid in live_pids(marker, rank)] if nproc > 1 else [process.pid]
-    for pid in victims:  # the ranks themselves: a launcher's death reaches them only after a few steps
-        os.kill(pid, signal.SIGKILL)
-    code = process.wait(timeout=120)
-    assert code != 0, "the run finished before it could be killed"
-    assert_outlived_by_none(marker)  # workers and ranks follow their parent
-    assert not (run / "report.json").exists()
-    interrupted = {job.split("/")[0] for job in interrupted_jobs(run)}  # one seed: the students
+
+    def the_ranks(marker: str) -> list[int]:  # a launcher's death reaches its ranks only after a few steps
+        return [pid for rank in ranks for pid in live_pids(marker, rank)]
+
+    jobs = killed_run(["distill", str(recipe), "--out", str(run), "--nproc", str(nproc)], run,
+                      lambda: bool(interrupted_jobs(run)), victims=the_ranks if nproc > 1 else None)
+    interrupted = {job.split("/")[0] for job in jobs}  # one seed: the students
     assert interrupted, "the kill interrupted no student"
     return interrupted
 

@@ -77,7 +77,7 @@ def test_a_served_run_matches_a_topk_store_run(server, reference, tmp_path, monk
     stored, weights = load_file(str(tmp_path / "store-run" / WEIGHTS)), load_file(str(tmp_path / "served-run" / WEIGHTS))
     # the store keeps fp16 log-probs and tail, the server sends fp32: equal up to that rounding, as
     # Adam passes it on. Where an element's gradient is near zero, Adam's step (g / sqrt(v)) can turn
-    # with the rounding, so a few elements may differ by up to a step; every other is close.
+    # with the rounding, so a few elements may differ by a few steps; every other is close.
     step = load_recipe(str(server.recipe)).train.lr
     for name in weights:
         gap, scale = (weights[name] - stored[name]).abs(), stored[name].abs()

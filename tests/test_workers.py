@@ -7,7 +7,7 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from helpers import deterministic_numbers, kill_then_resume, potstill, write_recipe
+from helpers import deterministic_numbers, interrupted_jobs, kill_then_resume, potstill, write_recipe
 from potstill.app.run import cpu_cores, worker_count
 from potstill.app.workers import Job, RemoteTraceback, Workers
 from potstill.config import StudentConfig
@@ -69,7 +69,7 @@ def test_killed_parallel_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert straight.returncode == 0, straight.stderr
 
     run = tmp_path / "killed"
-    b = kill_then_resume(recipe, run, tmp_path, lambda: bool(list(run.glob("students/*/seed_*/checkpoint/state.json"))))
+    b = kill_then_resume(recipe, run, tmp_path, lambda: bool(interrupted_jobs(run)))
     a = json.loads((tmp_path / "straight" / "report.json").read_text())
     assert deterministic_numbers(a) == deterministic_numbers(b)
     same_weights(tmp_path / "straight", run, students=("baseline", "kd"))
